@@ -1,0 +1,118 @@
+"""Bearer-token verification: HS256 shared secret and/or asymmetric keys from a JWKS URL."""
+
+import logging
+from typing import Annotated, Any
+
+import jwt
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service.errors import Problem, Unauthorized
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MAX_TOKEN_CHARS = 8192
+MAX_USER_ID_CHARS = 255
+
+
+class TokenVerifier:
+    def __init__(self, settings: Settings) -> None:
+        self.algorithms = settings.accepted_algorithms
+        self.secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else None
+        self.jwks = (
+            jwt.PyJWKClient(
+                settings.jwt_jwks_url,
+                cache_keys=True,
+                lifespan=settings.jwks_cache_seconds,
+                timeout=5,
+            )
+            if settings.jwt_jwks_url
+            else None
+        )
+        self.issuer = settings.jwt_issuer
+        self.audience = settings.jwt_audience
+        self.leeway = settings.jwt_leeway_seconds
+        self.user_claim = settings.jwt_user_claim
+
+    def user_id(self, token: str) -> str:
+        """The token's user, or Unauthorized. Never trusts the token's own choice of key type."""
+        if len(token) > MAX_TOKEN_CHARS:
+            raise Unauthorized("The token is too large.", token_sent=True)
+        try:
+            claims = self._decode(token)
+        except jwt.PyJWKClientConnectionError:
+            log.error("JWKS endpoint unreachable")
+            raise Problem(
+                503, "Token keys cannot be fetched right now.", headers={"Retry-After": "5"}
+            ) from None
+        except (jwt.PyJWTError, ValueError, TypeError) as exc:
+            raise Unauthorized(_reason(exc), token_sent=True) from None
+        user = claims.get(self.user_claim)
+        if not isinstance(user, str) or not 1 <= len(user) <= MAX_USER_ID_CHARS:
+            raise Unauthorized("The token names no user.", token_sent=True)
+        return user
+
+    def _decode(self, token: str) -> dict[str, Any]:
+        algorithm = jwt.get_unverified_header(token).get("alg")
+        if algorithm not in self.algorithms:
+            raise jwt.InvalidAlgorithmError("algorithm not accepted")
+        if algorithm == "HS256":
+            if self.secret is None:
+                raise jwt.InvalidAlgorithmError("algorithm not accepted")
+            key: Any = self.secret
+            allowed = ["HS256"]
+        else:
+            if self.jwks is None:
+                raise jwt.InvalidAlgorithmError("algorithm not accepted")
+            key = self.jwks.get_signing_key_from_jwt(token).key
+            allowed = [alg for alg in self.algorithms if alg != "HS256"]
+        return jwt.decode(
+            token,
+            key,
+            algorithms=allowed,
+            issuer=self.issuer,
+            audience=self.audience,
+            leeway=self.leeway,
+            options={"require": ["exp"], "verify_aud": self.audience is not None},
+        )
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, jwt.ExpiredSignatureError):
+        return "The token has expired."
+    if isinstance(exc, jwt.ImmatureSignatureError):
+        return "The token is not valid yet."
+    if isinstance(exc, jwt.InvalidIssuerError | jwt.InvalidAudienceError):
+        return "The token was issued for another service."
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        return "The token lacks a required claim."
+    return "The token is invalid."
+
+
+bearer_scheme = HTTPBearer(auto_error=False, description="A JWT from your identity provider.")
+
+
+def current_user(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> str:
+    if credentials is None:
+        raise Unauthorized("A bearer token is required.", token_sent=False)
+    verifier: TokenVerifier = request.app.state.verifier
+    user = verifier.user_id(credentials.credentials)
+    request.state.user_id = user
+    return user
+
+
+CurrentUser = Annotated[str, Depends(current_user)]
+
+
+def path_owner(user_id: str, current: CurrentUser) -> str:
+    """The path's {user_id}, if it is the caller. Decided before any database work."""
+    if user_id != current:
+        raise Problem(403, "This token does not belong to that user.")
+    return user_id
+
+
+OwnerId = Annotated[str, Depends(path_owner)]

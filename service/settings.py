@@ -1,0 +1,99 @@
+"""All configuration, read once from the environment (and an optional .env file)."""
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import URL, make_url
+
+ASYMMETRIC_ALGORITHMS = ("EdDSA", "ES256", "RS256")
+MIN_SECRET_BYTES = 32
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+
+    database_url: SecretStr | None = None
+    database_admin_url: SecretStr | None = None
+    data_dir: Path = Path(".data/pg")
+    app_db_role: str = Field("todo_app", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+
+    jwt_secret: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("jwt_secret", "better_auth_secret")
+    )
+    jwt_jwks_url: str | None = None
+    jwt_algorithms: Annotated[tuple[str, ...], NoDecode] = ()
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_leeway_seconds: float = Field(30, ge=0, le=300)
+    jwt_user_claim: str = "sub"
+    jwks_cache_seconds: int = Field(300, ge=0)
+
+    db_pool_size: int = Field(10, ge=1)
+    db_max_overflow: int = Field(5, ge=0)
+    db_pool_timeout_seconds: float = Field(5, gt=0)
+    db_connect_timeout_seconds: int = Field(5, ge=1)
+    db_connect_attempts: int = Field(4, ge=1)
+    db_prepared_statements: bool = False
+    retry_after_seconds: int = Field(5, ge=1)
+
+    log_level: str = "INFO"
+
+    @field_validator("jwt_algorithms", mode="before")
+    @classmethod
+    def _split_algorithms(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("jwt_algorithms")
+    @classmethod
+    def _known_algorithms(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = set(value) - {"HS256", *ASYMMETRIC_ALGORITHMS}
+        if unknown:
+            raise ValueError(f"unsupported JWT algorithms: {sorted(unknown)}")
+        return value
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None
+
+    @property
+    def accepted_algorithms(self) -> tuple[str, ...]:
+        """The fixed list a token's `alg` must be in; never taken from the token."""
+        if self.jwt_algorithms:
+            return self.jwt_algorithms
+        defaults: tuple[str, ...] = ()
+        if self.jwt_secret is not None:
+            defaults += ("HS256",)
+        if self.jwt_jwks_url:
+            defaults += ASYMMETRIC_ALGORITHMS
+        return defaults
+
+    def check_auth_config(self) -> None:
+        """Refuse to start with no usable way to verify tokens."""
+        if self.jwt_secret is None and not self.jwt_jwks_url:
+            raise ValueError("set JWT_SECRET (or BETTER_AUTH_SECRET) or JWT_JWKS_URL")
+        if self.jwt_secret is not None:
+            length = len(self.jwt_secret.get_secret_value().encode())
+            if length < MIN_SECRET_BYTES:
+                raise ValueError(
+                    f"JWT_SECRET is {length} bytes; at least {MIN_SECRET_BYTES} are required"
+                )
+
+
+def sqlalchemy_url(raw: SecretStr | str) -> URL:
+    """Accept postgres://, postgresql:// or postgresql+psycopg:// and use psycopg 3."""
+    value = raw.get_secret_value() if isinstance(raw, SecretStr) else raw
+    return make_url(value).set(drivername="postgresql+psycopg")
+
+
+def masked(url: URL) -> str:
+    return url.render_as_string(hide_password=True)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
