@@ -1,0 +1,375 @@
+"""Every route's success path, every status code it can return, and cross-user access."""
+
+from datetime import datetime
+from typing import Any
+
+import pytest
+
+ALICE, BOB = "alice", "bob"
+MISSING_ID = 9_000_000_000
+
+
+def row(admin: Any, task_id: int) -> tuple[Any, ...] | None:
+    return admin.execute(
+        "SELECT title, description, completed, user_id, created_at, updated_at"
+        " FROM task WHERE id = %s",
+        (task_id,),
+    ).fetchone()
+
+
+def assert_problem(response: Any, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["status"] == status
+    assert {"type", "title", "detail"} <= body.keys()
+    return body
+
+
+# --- success paths ---------------------------------------------------------------------
+
+
+def test_create_returns_201_location_and_the_task(client, admin, auth):
+    response = client.post(
+        "/api/alice/tasks",
+        json={"title": "  Buy milk  ", "description": "2 litres", "completed": False},
+        headers=auth(ALICE),
+    )
+    assert response.status_code == 201
+    task = response.json()
+    assert response.headers["location"] == f"/api/alice/tasks/{task['id']}"
+    assert task["title"] == "Buy milk"
+    assert task["description"] == "2 litres"
+    assert task["completed"] is False
+    assert task["user_id"] == ALICE
+    assert isinstance(task["id"], int)
+    for stamp in ("created_at", "updated_at"):
+        assert datetime.fromisoformat(task[stamp]).utcoffset().total_seconds() == 0
+    assert row(admin, task["id"])[:4] == ("Buy milk", "2 litres", False, ALICE)
+
+
+def test_create_with_title_only_defaults_the_rest(client, auth):
+    task = client.post("/api/alice/tasks", json={"title": "x"}, headers=auth(ALICE)).json()
+    assert task["description"] is None
+    assert task["completed"] is False
+
+
+def test_server_owned_fields_sent_by_the_client_are_ignored(client, auth):
+    sent = {
+        "title": "t",
+        "id": 424242,
+        "user_id": BOB,
+        "created_at": "2000-01-01T00:00:00Z",
+        "updated_at": "2000-01-01T00:00:00Z",
+    }
+    task = client.post("/api/alice/tasks", json=sent, headers=auth(ALICE)).json()
+    assert task["id"] != 424242
+    assert task["user_id"] == ALICE
+    assert not task["created_at"].startswith("2000")
+
+
+def test_list_returns_only_own_tasks_newest_first(client, create_task, auth):
+    first = create_task(ALICE, "first")
+    second = create_task(ALICE, "second")
+    create_task(BOB, "bob's")
+    response = client.get("/api/alice/tasks", headers=auth(ALICE))
+    assert response.status_code == 200
+    assert [t["id"] for t in response.json()] == [second["id"], first["id"]]
+
+
+def test_list_orders_by_created_at_then_id(client, create_task, admin, auth):
+    older, tie_low, tie_high = (create_task(ALICE, name) for name in ("older", "t1", "t2"))
+    admin.execute("UPDATE task SET created_at = '2020-01-01' WHERE id = %s", (older["id"],))
+    admin.execute(
+        "UPDATE task SET created_at = '2021-01-01' WHERE id = ANY(%s)",
+        ([tie_low["id"], tie_high["id"]],),
+    )
+    ids = [t["id"] for t in client.get("/api/alice/tasks", headers=auth(ALICE)).json()]
+    assert ids == [tie_high["id"], tie_low["id"], older["id"]]
+
+
+def test_list_is_empty_for_a_new_user(client, auth):
+    response = client.get("/api/nobody/tasks", headers=auth("nobody"))
+    assert response.status_code == 200
+    assert response.json() == []
+
+
+def test_get_one(client, create_task, auth):
+    task = create_task(ALICE, "read me")
+    response = client.get(f"/api/alice/tasks/{task['id']}", headers=auth(ALICE))
+    assert response.status_code == 200
+    assert response.json() == task
+
+
+def test_put_replaces_title_and_keeps_omitted_fields(client, create_task, auth):
+    task = create_task(ALICE, "old", description="keep me", completed=True)
+    response = client.put(
+        f"/api/alice/tasks/{task['id']}", json={"title": " new "}, headers=auth(ALICE)
+    )
+    assert response.status_code == 200
+    updated = response.json()
+    assert updated["title"] == "new"
+    assert updated["description"] == "keep me"
+    assert updated["completed"] is True
+
+
+def test_put_sets_every_given_field_including_a_null_description(client, create_task, auth):
+    task = create_task(ALICE, "old", description="drop me")
+    updated = client.put(
+        f"/api/alice/tasks/{task['id']}",
+        json={"title": "new", "description": None, "completed": True},
+        headers=auth(ALICE),
+    ).json()
+    assert (updated["description"], updated["completed"]) == (None, True)
+
+
+def test_put_back_a_task_just_read_is_accepted(client, create_task, auth):
+    task = create_task(ALICE, "round trip")
+    response = client.put(f"/api/alice/tasks/{task['id']}", json=task, headers=auth(ALICE))
+    assert response.status_code == 200
+    assert response.json()["id"] == task["id"]
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [(None, True), ({}, True), ({"completed": True}, True), ({"completed": False}, False)],
+)
+def test_patch_complete_sets_rather_than_toggles(client, create_task, auth, body, expected):
+    task = create_task(ALICE, "t", completed=not expected)
+    url = f"/api/alice/tasks/{task['id']}/complete"
+    for _ in range(2):  # idempotent: the second call gives the same state
+        response = client.patch(url, json=body, headers=auth(ALICE))
+        assert response.status_code == 200
+        assert response.json()["completed"] is expected
+
+
+def test_delete_returns_204_and_removes_the_row(client, create_task, admin, auth):
+    task = create_task(ALICE, "bye")
+    response = client.delete(f"/api/alice/tasks/{task['id']}", headers=auth(ALICE))
+    assert response.status_code == 204
+    assert response.content == b""
+    assert row(admin, task["id"]) is None
+    again = client.delete(f"/api/alice/tasks/{task['id']}", headers=auth(ALICE))
+    assert_problem(again, 404)
+
+
+# --- timestamps ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["put", "patch"])
+def test_created_at_is_stable_and_updated_at_advances(client, create_task, auth, method):
+    task = create_task(ALICE, "t")
+    url = f"/api/alice/tasks/{task['id']}"
+    if method == "put":
+        changed = client.put(url, json={"title": "t2"}, headers=auth(ALICE)).json()
+    else:
+        changed = client.patch(url + "/complete", headers=auth(ALICE)).json()
+    assert changed["created_at"] == task["created_at"]
+    assert datetime.fromisoformat(changed["updated_at"]) > datetime.fromisoformat(
+        task["updated_at"]
+    )
+
+
+# --- 404 and cross-user access ----------------------------------------------------------
+
+ROUTES_ON_ONE_TASK = [
+    ("get", "", None),
+    ("put", "", {"title": "stolen"}),
+    ("patch", "/complete", None),
+    ("delete", "", None),
+]
+
+
+@pytest.mark.parametrize(("method", "suffix", "body"), ROUTES_ON_ONE_TASK)
+def test_unknown_task_is_404(client, auth, method, suffix, body):
+    response = client.request(
+        method, f"/api/alice/tasks/{MISSING_ID}{suffix}", json=body, headers=auth(ALICE)
+    )
+    assert_problem(response, 404)
+
+
+@pytest.mark.parametrize(("owner", "intruder"), [(ALICE, BOB), (BOB, ALICE)])
+@pytest.mark.parametrize(("method", "suffix", "body"), ROUTES_ON_ONE_TASK)
+def test_cross_user_access_is_refused_and_changes_nothing(
+    client, create_task, admin, auth, owner, intruder, method, suffix, body
+):
+    task = create_task(owner, "private", description="secret")
+    before = row(admin, task["id"])
+
+    via_owner_path = client.request(
+        method, f"/api/{owner}/tasks/{task['id']}{suffix}", json=body, headers=auth(intruder)
+    )
+    assert_problem(via_owner_path, 403)
+    via_own_path = client.request(
+        method, f"/api/{intruder}/tasks/{task['id']}{suffix}", json=body, headers=auth(intruder)
+    )
+    assert_problem(via_own_path, 404)
+    assert "secret" not in via_own_path.text
+
+    assert row(admin, task["id"]) == before
+
+
+@pytest.mark.parametrize(("owner", "intruder"), [(ALICE, BOB), (BOB, ALICE)])
+def test_cross_user_list_and_create_are_refused(client, create_task, admin, auth, owner, intruder):
+    create_task(owner, "private")
+    listed = client.get(f"/api/{owner}/tasks", headers=auth(intruder))
+    assert_problem(listed, 403)
+    created = client.post(f"/api/{owner}/tasks", json={"title": "planted"}, headers=auth(intruder))
+    assert_problem(created, 403)
+    own_list = client.get(f"/api/{intruder}/tasks", headers=auth(intruder)).json()
+    assert own_list == []
+    assert admin.execute("SELECT count(*) FROM task").fetchone()[0] == 1
+
+
+def test_403_reveals_nothing_about_which_ids_exist(client, create_task, auth):
+    task = create_task(ALICE, "t")
+    existing = client.get(f"/api/alice/tasks/{task['id']}", headers=auth(BOB))
+    missing = client.get(f"/api/alice/tasks/{MISSING_ID}", headers=auth(BOB))
+    assert existing.status_code == missing.status_code == 403
+    assert existing.json() == missing.json()
+
+
+def test_opaque_user_ids_are_text_not_numbers(client, auth):
+    for user in ("007", "7", "4f3c2a1e-8d2b-4c1a-9e6f-0a1b2c3d4e5f", "a" * 255):
+        response = client.post(f"/api/{user}/tasks", json={"title": "t"}, headers=auth(user))
+        assert response.status_code == 201
+        assert response.json()["user_id"] == user
+    assert client.get("/api/007/tasks", headers=auth("007")).json()[0]["user_id"] == "007"
+    assert len(client.get("/api/7/tasks", headers=auth("7")).json()) == 1
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "title"),
+        ({"title": ""}, "title"),
+        ({"title": "   "}, "title"),
+        ({"title": None}, "title"),
+        ({"title": 123}, "title"),
+        ({"title": "x" * 201}, "title"),
+        ({"title": "nul\u0000byte"}, "title"),
+        ({"title": "t", "description": "d" * 1001}, "description"),
+        ({"title": "t", "description": 123}, "description"),
+        ({"title": "t", "description": "nul\u0000"}, "description"),
+        ({"title": "t", "completed": "yes"}, "completed"),
+        ({"title": "t", "completed": 1}, "completed"),
+        ({"title": "t", "completed": None}, "completed"),
+        ([], "body"),
+        ("a string", "body"),
+    ],
+)
+@pytest.mark.parametrize("method", ["post", "put"])
+def test_invalid_bodies_are_422_naming_the_field_and_change_nothing(
+    client, create_task, admin, auth, body, field, method
+):
+    task = create_task(ALICE, "original")
+    url = "/api/alice/tasks" if method == "post" else f"/api/alice/tasks/{task['id']}"
+    response = client.request(method, url, json=body, headers=auth(ALICE))
+    problem = assert_problem(response, 422)
+    assert any(error["field"].endswith(field) for error in problem["errors"]), problem
+    assert admin.execute("SELECT count(*) FROM task").fetchone()[0] == 1
+    assert row(admin, task["id"])[0] == "original"
+
+
+def test_a_lone_surrogate_escape_is_422_not_500(client, auth):
+    headers = {**auth(ALICE), "content-type": "application/json"}
+    response = client.post("/api/alice/tasks", content=b'{"title": "\\ud800"}', headers=headers)
+    assert_problem(response, 422)
+
+
+def test_limits_are_inclusive(client, auth):
+    body = {"title": "x" * 200, "description": "d" * 1000}
+    response = client.post("/api/alice/tasks", json=body, headers=auth(ALICE))
+    assert response.status_code == 201
+    assert len(response.json()["title"]) == 200
+
+
+def test_title_length_counts_characters_not_bytes(client, auth):
+    response = client.post("/api/alice/tasks", json={"title": "é" * 200}, headers=auth(ALICE))
+    assert response.status_code == 201
+
+
+@pytest.mark.parametrize("body", [{"completed": "true"}, {"completed": 0}, {"completed": None}])
+def test_patch_complete_rejects_non_booleans(client, create_task, auth, body):
+    task = create_task(ALICE, "t")
+    response = client.patch(
+        f"/api/alice/tasks/{task['id']}/complete", json=body, headers=auth(ALICE)
+    )
+    assert_problem(response, 422)
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type"),
+    [(b"{not json", "application/json"), (b"title=x", "text/plain"), (b"\xff\xfe", None)],
+)
+def test_a_body_that_is_not_json_is_400(client, auth, content, content_type):
+    headers = auth(ALICE)
+    if content_type:
+        headers["content-type"] = content_type
+    response = client.post("/api/alice/tasks", content=content, headers=headers)
+    assert_problem(response, 400)
+
+
+@pytest.mark.parametrize("task_id", ["abc", "0", "-1", "1.5", str(2**63), "99999999999999999999"])
+def test_task_ids_that_are_not_positive_bigints_are_422(client, auth, task_id):
+    response = client.get(f"/api/alice/tasks/{task_id}", headers=auth(ALICE))
+    problem = assert_problem(response, 422)
+    assert problem["errors"][0]["field"] == "path.task_id"
+
+
+def test_largest_bigint_id_is_a_clean_404(client, auth):
+    response = client.get(f"/api/alice/tasks/{2**63 - 1}", headers=auth(ALICE))
+    assert_problem(response, 404)
+
+
+def test_status_order_401_before_403_before_422(client, auth):
+    assert client.get("/api/alice/tasks/abc").status_code == 401
+    assert client.get("/api/alice/tasks/abc", headers=auth(BOB)).status_code == 403
+    assert client.post("/api/alice/tasks", json={}, headers=auth(BOB)).status_code == 403
+
+
+def test_error_bodies_carry_no_sql_or_trace(client, auth):
+    response = client.post("/api/alice/tasks", json={"title": 5}, headers=auth(ALICE))
+    for leak in ("Traceback", "SELECT", "INSERT", "psycopg", "sqlalchemy", "Bearer"):
+        assert leak not in response.text
+
+
+# --- operations --------------------------------------------------------------------------------
+
+
+def test_healthz_and_readyz(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").status_code == 200
+
+
+def test_request_id_is_echoed_or_made(client):
+    assert (
+        client.get("/healthz", headers={"X-Request-ID": "abc-123"}).headers["x-request-id"]
+        == "abc-123"
+    )
+    made = client.get("/healthz", headers={"X-Request-ID": "bad id\n"}).headers["x-request-id"]
+    assert made != "bad id\n" and len(made) == 32
+
+
+def test_openapi_declares_the_bearer_scheme_and_the_six_routes(client):
+    spec = client.get("/openapi.json").json()
+    schemes = spec["components"]["securitySchemes"]
+    assert any(s["type"] == "http" and s["scheme"] == "bearer" for s in schemes.values())
+    operations = {
+        (method.upper(), path)
+        for path, item in spec["paths"].items()
+        for method in item
+        if path.startswith("/api/")
+    }
+    assert operations == {
+        ("GET", "/api/{user_id}/tasks"),
+        ("POST", "/api/{user_id}/tasks"),
+        ("GET", "/api/{user_id}/tasks/{task_id}"),
+        ("PUT", "/api/{user_id}/tasks/{task_id}"),
+        ("DELETE", "/api/{user_id}/tasks/{task_id}"),
+        ("PATCH", "/api/{user_id}/tasks/{task_id}/complete"),
+    }
+    assert client.get("/docs").status_code == 200
