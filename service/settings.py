@@ -29,7 +29,10 @@ class Settings(BaseSettings):
     jwt_audience: str | None = None
     jwt_leeway_seconds: float = Field(30, ge=0, le=300)
     jwt_user_claim: str = "sub"
-    jwks_cache_seconds: int = Field(300, ge=0)
+    jwks_cache_seconds: float = Field(300, gt=0)
+    # An unknown kid refetches the JWKS at most this often, so made-up kids cannot flood the
+    # identity provider, while a freshly rotated key is picked up within this time.
+    jwks_refresh_cooldown_seconds: float = Field(1, ge=0)
 
     db_pool_size: int = Field(10, ge=1)
     db_max_overflow: int = Field(5, ge=0)
