@@ -57,11 +57,23 @@ def live_policies(conn: Connection, relation: str) -> dict[str, LivePolicy]:
     }
 
 
+# Columns and types only, read from the catalog: unlike LIKE, this needs no privilege on the
+# table, so it works for a least-privilege login role. %I quotes each name.
+_TEMP_COPY_DDL = text(
+    """
+    SELECT format('CREATE TEMP TABLE %I (%s)', CAST(:table AS text), string_agg(
+               format('%I %s', attname, format_type(atttypid, atttypmod)), ', ' ORDER BY attnum))
+    FROM pg_attribute
+    WHERE attrelid = to_regclass(:table) AND attnum > 0 AND NOT attisdropped
+    """
+)
+
+
 def expected_policies(conn: Connection, directory: Path = POLICIES_DIR) -> dict[str, LivePolicy]:
     """The policies the files define, deparsed by this server, without touching the real table."""
     with conn.begin_nested() as savepoint:
         # pg_temp comes first on the search path, so the files' "ON task" lands on this copy.
-        conn.exec_driver_sql(f"CREATE TEMP TABLE {TABLE} (LIKE {TABLE})")
+        conn.exec_driver_sql(conn.execute(_TEMP_COPY_DDL, {"table": TABLE}).scalar_one())
         for path in policy_files(directory):
             conn.exec_driver_sql(path.read_text())
         expected = live_policies(conn, f"pg_temp.{TABLE}")

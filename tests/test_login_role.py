@@ -1,0 +1,47 @@
+"""Least privilege end to end: the API logs in as a role that can do nothing by itself."""
+
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from service.testing import TestDatabase, app_client, bearer, libpq_url
+
+
+@pytest.fixture
+def login_role(database: TestDatabase) -> Iterator[str]:
+    name = f"todo_login_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(database.server_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN NOINHERIT").format(sql.Identifier(name)))
+        admin.execute(
+            sql.SQL("GRANT {} TO {}").format(
+                sql.Identifier(database.app_role), sql.Identifier(name)
+            )
+        )
+    try:
+        yield name
+    finally:
+        with psycopg.connect(database.server_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+
+
+def test_the_login_role_alone_cannot_read_tasks(database, login_role, admin):
+    admin.execute("INSERT INTO task (title, user_id) VALUES ('t', 'alice')")
+    url = libpq_url(database.url).replace("postgres@", f"{login_role}@", 1)
+    with psycopg.connect(url) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute("SELECT * FROM task")
+
+
+def test_the_service_works_through_a_least_privilege_login(database, login_role, admin):
+    url = libpq_url(database.url).replace("postgres@", f"{login_role}@", 1)
+    assert f"{login_role}@" in url
+    with app_client(database.settings(database_url=url)) as client:
+        assert client.get("/readyz").status_code == 200
+        created = client.post("/api/alice/tasks", json={"title": "t"}, headers=bearer("alice"))
+        assert created.status_code == 201
+        listed = client.get("/api/alice/tasks", headers=bearer("alice")).json()
+        assert [task["title"] for task in listed] == ["t"]
+        with client.app.state.db.engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT current_user").scalar() == login_role
