@@ -118,6 +118,19 @@ def check_posture(conn: Connection, app_role: str) -> Posture:
     return posture
 
 
+_OWNED_BY = text(
+    """
+    SELECT CASE WHEN d.dbid IN (0, (SELECT oid FROM pg_database
+                                    WHERE datname = current_database()))
+                THEN pg_describe_object(d.classid, d.objid, d.objsubid)
+                ELSE 'an object in another database' END
+    FROM pg_shdepend d
+    WHERE d.refclassid = 'pg_authid'::regclass AND d.refobjid = :role_oid AND d.deptype = 'o'
+    ORDER BY 1
+    """
+)
+
+
 def _role_problems(conn: Connection, app_role: str, owner_oid: int) -> list[str]:
     role = conn.execute(
         text("SELECT oid, rolsuper, rolbypassrls FROM pg_roles WHERE rolname = :role"),
@@ -143,13 +156,10 @@ def _role_problems(conn: Connection, app_role: str, owner_oid: int) -> list[str]
         {"role_oid": role_oid, "owner_oid": owner_oid},
     ).all()
     problems += [f"application role {app_role} can act as {name}" for name in escalations]
-    if role_oid == owner_oid:
-        problems.append(f"application role {app_role} owns {TABLE}")
-    owned = conn.scalar(
-        text("SELECT count(*) FROM pg_class WHERE relowner = :role_oid"), {"role_oid": role_oid}
-    )
-    if owned and role_oid != owner_oid:
-        problems.append(f"application role {app_role} owns {owned} relation(s)")
+    # pg_shdepend records every object a role owns (schemas, functions, tables, ...), in any
+    # database; owning the schema or the trigger function is as dangerous as owning the table.
+    owned = conn.scalars(_OWNED_BY, {"role_oid": role_oid}).all()
+    problems += [f"application role {app_role} owns {what}" for what in owned]
     for privilege in FORBIDDEN_TABLE_PRIVILEGES:
         if conn.scalar(
             text("SELECT has_table_privilege(:role_oid, to_regclass(:table), :privilege)"),
