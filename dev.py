@@ -49,7 +49,11 @@ def main(args: list[str]) -> int:
         return run(str(BIN / "todo-api"), *args)
     if args[0] == "todo-api":
         return run(str(BIN / "todo-api"), *args[1:])
-    for check in (("ruff", "check", "."), ("ruff", "format", "--check", ".")):
+    python_sources = ("service", "tests", "db", "dev.py")
+    for check in (
+        ("ruff", "check", *python_sources),
+        ("ruff", "format", "--check", *python_sources),
+    ):
         if code := run(str(BIN / check[0]), *check[1:]):
             return code
     return run(str(BIN / "pytest"), *args[1:])
