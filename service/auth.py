@@ -1,13 +1,14 @@
 """Bearer-token verification: HS256 shared secret and/or asymmetric keys from a JWKS URL."""
 
 import logging
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeGuard
 
 import jwt
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.errors import Problem, Unauthorized
+from service.models import storable_text
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class TokenVerifier:
         except (jwt.PyJWTError, ValueError, TypeError) as exc:
             raise Unauthorized(_reason(exc), token_sent=True) from None
         user = claims.get(self.user_claim)
-        if not isinstance(user, str) or not 1 <= len(user) <= MAX_USER_ID_CHARS:
+        if not _usable_user_id(user):
             raise Unauthorized("The token names no user.", token_sent=True)
         return user
 
@@ -79,6 +80,17 @@ class TokenVerifier:
             leeway=self.leeway,
             options={"require": ["exp"], "verify_aud": self.audience is not None},
         )
+
+
+def _usable_user_id(user: object) -> TypeGuard[str]:
+    """A non-empty string that PostgreSQL can store as text and the task table accepts."""
+    if not isinstance(user, str) or not 1 <= len(user) <= MAX_USER_ID_CHARS:
+        return False
+    try:
+        storable_text(user)
+    except ValueError:
+        return False
+    return True
 
 
 def _reason(exc: Exception) -> str:

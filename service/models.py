@@ -20,7 +20,7 @@ DESCRIPTION_MAX = 1000
 USER_ID_MAX = 255
 
 
-def _storable_text(value: str) -> str:
+def storable_text(value: str) -> str:
     # PostgreSQL text cannot hold NUL, and lone surrogates cannot be encoded as UTF-8.
     if "\x00" in value:
         raise ValueError("must not contain a NUL character")
@@ -34,10 +34,10 @@ def _storable_text(value: str) -> str:
 Title = Annotated[
     StrictStr,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=TITLE_MAX),
-    AfterValidator(_storable_text),
+    AfterValidator(storable_text),
 ]
 Description = Annotated[
-    StrictStr, StringConstraints(max_length=DESCRIPTION_MAX), AfterValidator(_storable_text)
+    StrictStr, StringConstraints(max_length=DESCRIPTION_MAX), AfterValidator(storable_text)
 ]
 
 

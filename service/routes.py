@@ -2,6 +2,7 @@
 
 from collections.abc import Iterator
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Path, Request, Response, status
 from sqlmodel import Session, delete, select, update
@@ -44,8 +45,9 @@ def create_task(
     task = Task(**body.model_dump(), user_id=owner)
     session.add(task)
     session.commit()
+    # url_path_for does not escape: an opaque user id may hold spaces, '?' or non-ASCII.
     response.headers["Location"] = request.app.url_path_for(
-        "read_task", user_id=owner, task_id=str(task.id)
+        "read_task", user_id=quote(owner, safe=""), task_id=str(task.id)
     )
     return task
 

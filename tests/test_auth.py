@@ -206,6 +206,8 @@ def test_bearer_scheme_is_case_insensitive(client: TestClient) -> None:
         pytest.param(lambda: make_token(None, sub=["alice"]), id="sub-list"),
         pytest.param(lambda: make_token(""), id="sub-empty"),
         pytest.param(lambda: make_token("a" * 256), id="sub-longer-than-255"),
+        pytest.param(lambda: make_token("nul\u0000byte"), id="sub-with-nul"),
+        pytest.param(lambda: make_token("\ud800"), id="sub-lone-surrogate"),
         pytest.param(lambda: token_of_length(8193), id="8193-chars"),
         pytest.param(lambda: make_token("alice", padding="x" * 100_000), id="100k-chars"),
     ],

@@ -2,6 +2,7 @@
 
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -236,6 +237,17 @@ def test_opaque_user_ids_are_text_not_numbers(client, auth):
         assert response.json()["user_id"] == user
     assert client.get("/api/007/tasks", headers=auth("007")).json()[0]["user_id"] == "007"
     assert len(client.get("/api/7/tasks", headers=auth("7")).json()) == 1
+
+
+@pytest.mark.parametrize("user", ["a b?c#d", "üser", "line\u2028sep", "50%"])
+def test_location_of_any_opaque_user_id_is_escaped_and_followable(client, auth, user):
+    path = f"/api/{quote(user, safe='')}/tasks"
+    created = client.post(path, json={"title": "t"}, headers=auth(user))
+    assert created.status_code == 201
+    assert created.headers["location"] == f"{path}/{created.json()['id']}"
+    followed = client.get(created.headers["location"], headers=auth(user))
+    assert followed.status_code == 200
+    assert followed.json()["user_id"] == user
 
 
 # --- validation ------------------------------------------------------------------------------
