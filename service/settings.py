@@ -2,7 +2,7 @@
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     retry_after_seconds: int = Field(5, ge=1)
 
     log_level: str = "INFO"
+    # json: one JSON object per line; text: for people; auto: text on a terminal, else json.
+    log_format: Literal["auto", "json", "text"] = "auto"
 
     @field_validator("jwt_algorithms", mode="before")
     @classmethod

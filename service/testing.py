@@ -4,6 +4,10 @@ The database comes from TEST_DATABASE_URL when set (a server whose user may crea
 and roles), else from testcontainers when a Docker engine answers, else from the embedded
 PostgreSQL. Each `migrated_database()` is a fresh database with its own application role,
 dropped afterwards, so suites can run side by side on one server.
+
+As a pytest plugin (`pytest_plugins = ["service.testing"]`) it provides the fixtures
+todo_server_url, todo_database, todo_fresh_database, todo_client, todo_token and
+todo_auth.
 """
 
 import http.client
@@ -13,7 +17,7 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +26,7 @@ from urllib.parse import urlparse
 
 import jwt
 import psycopg
+import pytest
 from fastapi.testclient import TestClient
 from psycopg import sql
 from pydantic import SecretStr
@@ -156,3 +161,46 @@ def app_client(settings: Settings) -> Iterator[TestClient]:
     """The real app, started (posture checked) and stopped around the block."""
     with TestClient(create_app(settings)) as client:
         yield client
+
+
+# --- pytest fixtures: `pytest_plugins = ["service.testing"]` in a conftest.py -----------------
+
+
+@pytest.fixture(scope="session")
+def todo_server_url() -> Iterator[str]:
+    """A PostgreSQL server: TEST_DATABASE_URL, else testcontainers, else embedded."""
+    with postgres_server_url() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def todo_database(todo_server_url: str) -> Iterator[TestDatabase]:
+    """A migrated database of the session's own, with its own application role."""
+    with migrated_database(todo_server_url) as database:
+        yield database
+
+
+@pytest.fixture
+def todo_fresh_database(todo_server_url: str) -> Iterator[TestDatabase]:
+    """A migrated database for one test, e.g. one that damages the schema or the role."""
+    with migrated_database(todo_server_url) as database:
+        yield database
+
+
+@pytest.fixture(scope="session")
+def todo_client(todo_database: TestDatabase) -> Iterator[TestClient]:
+    """The real app on that database, started (posture checked) once per session."""
+    with app_client(todo_database.settings()) as client:
+        yield client
+
+
+@pytest.fixture
+def todo_token() -> Callable[..., str]:
+    """`todo_token("alice")`: a valid token for any user (claims may be overridden)."""
+    return make_token
+
+
+@pytest.fixture
+def todo_auth() -> Callable[..., dict[str, str]]:
+    """`todo_auth("alice")`: the Authorization header for any user."""
+    return bearer

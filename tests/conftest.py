@@ -1,49 +1,42 @@
-"""Every test talks to real PostgreSQL; see service/testing.py for where it comes from."""
+"""Every test talks to real PostgreSQL, through the same plugin downstream suites use."""
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
-from service.testing import (
-    TestDatabase,
-    app_client,
-    bearer,
-    migrated_database,
-    postgres_server_url,
-)
+if TYPE_CHECKING:  # imported by pytest as a plugin, so that its asserts are rewritten
+    from service.testing import TestDatabase
+
+pytest_plugins = ["service.testing"]
 
 
 @pytest.fixture(scope="session")
-def server_url() -> Iterator[str]:
-    with postgres_server_url() as url:
-        yield url
+def server_url(todo_server_url: str) -> str:
+    return todo_server_url
 
 
 @pytest.fixture(scope="session")
-def database(server_url: str) -> Iterator[TestDatabase]:
+def database(todo_database: "TestDatabase") -> "TestDatabase":
     """One migrated database shared by the suite; tasks are emptied before each test."""
-    with migrated_database(server_url) as db:
-        yield db
+    return todo_database
 
 
 @pytest.fixture
-def fresh_database(server_url: str) -> Iterator[TestDatabase]:
+def fresh_database(todo_fresh_database: "TestDatabase") -> "TestDatabase":
     """A database of its own, for tests that damage the schema or the role."""
-    with migrated_database(server_url) as db:
-        yield db
+    return todo_fresh_database
 
 
 @pytest.fixture(scope="session")
-def client(database: TestDatabase) -> Iterator[TestClient]:
-    with app_client(database.settings()) as test_client:
-        yield test_client
+def client(todo_client: TestClient) -> TestClient:
+    return todo_client
 
 
 @pytest.fixture
-def admin(database: TestDatabase) -> Iterator[psycopg.Connection[Any]]:
+def admin(database: "TestDatabase") -> Iterator[psycopg.Connection[Any]]:
     """The owner's connection, for arranging and inspecting rows behind the API's back."""
     with database.connect(autocommit=True) as conn:
         conn.execute("TRUNCATE task RESTART IDENTITY")
@@ -51,17 +44,17 @@ def admin(database: TestDatabase) -> Iterator[psycopg.Connection[Any]]:
 
 
 @pytest.fixture
-def auth() -> Callable[..., dict[str, str]]:
-    return bearer
+def auth(todo_auth: Callable[..., dict[str, str]]) -> Callable[..., dict[str, str]]:
+    return todo_auth
 
 
 @pytest.fixture
 def create_task(
-    client: TestClient, admin: psycopg.Connection[Any]
+    client: TestClient, admin: psycopg.Connection[Any], auth: Callable[..., dict[str, str]]
 ) -> Callable[..., dict[str, Any]]:
     def create(user_id: str, title: str = "a task", **fields: Any) -> dict[str, Any]:
         response = client.post(
-            f"/api/{user_id}/tasks", json={"title": title, **fields}, headers=bearer(user_id)
+            f"/api/{user_id}/tasks", json={"title": title, **fields}, headers=auth(user_id)
         )
         assert response.status_code == 201, response.text
         return response.json()

