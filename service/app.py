@@ -13,7 +13,12 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from service import embedded
 from service.auth import TokenVerifier
 from service.db import Database, make_engine, run_migrations
-from service.errors import DatabaseUnavailable, install_error_handlers, problem_response
+from service.errors import (
+    READINESS_RESPONSES,
+    DatabaseUnavailable,
+    install_error_handlers,
+    problem_response,
+)
 from service.observability import Metrics, configure_logging, metrics_endpoint, observe_requests
 from service.posture import Posture, check_posture
 from service.routes import router
@@ -74,6 +79,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="A multi-user task API in which PostgreSQL row-level security keeps users apart.",
         version="1.0.0",
         lifespan=lifespan,
+        # Larger bodies get 413 as soon as the count passes the limit, never read whole.
+        max_body_size=base_settings.max_body_bytes,
     )
     app.state.retry_after = base_settings.retry_after_seconds
     install_error_handlers(app, base_settings.retry_after_seconds)
@@ -81,7 +88,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.middleware("http")(observe_requests)
     app.include_router(router)
     app.add_api_route("/healthz", healthz, methods=["GET"], tags=["operations"])
-    app.add_api_route("/readyz", readyz, methods=["GET"], tags=["operations"])
+    app.add_api_route(
+        "/readyz", readyz, methods=["GET"], tags=["operations"], responses=READINESS_RESPONSES
+    )
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
     return app
 

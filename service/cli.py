@@ -1,18 +1,22 @@
-"""`todo-api`: serve, migrate, token, db check."""
+"""`todo-api`: serve, migrate, token, db check, db audit."""
 
 import argparse
+import json
 import logging
 import sys
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 
 import jwt
 import psycopg
 import uvicorn
 
 from service import embedded
-from service.app import configure_logging, read_posture
+from service.app import read_posture
+from service.audit import audit_database
 from service.db import Database, make_engine, run_migrations
+from service.observability import configure_logging
 from service.settings import Settings, get_settings, masked, sqlalchemy_url
 
 log = logging.getLogger("service.cli")
@@ -39,10 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     db = commands.add_parser("db", help="database checks")
     db_commands = db.add_subparsers(dest="db_command", required=True)
     db_commands.add_parser("check", help="compare the live posture with db/policies/")
+    audit = db_commands.add_parser(
+        "audit", help="print the live posture for a DBA: RLS, policies, roles, grants"
+    )
+    audit.add_argument("--json", action="store_true", help="one JSON document, for machines")
 
     args = parser.parse_args(argv)
     settings = get_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     try:
         if args.command == "serve":
             return serve_command(settings, args.host, args.port, args.workers)
@@ -50,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             return migrate_command(settings, args.wait)
         if args.command == "token":
             return token_command(settings, args.user_id, args.ttl)
+        if args.db_command == "audit":
+            return audit_command(settings, as_json=args.json)
         return check_command(settings)
     except ValueError as exc:
         print(f"todo-api: {exc}", file=sys.stderr)
@@ -126,7 +136,9 @@ def token_command(settings: Settings, user_id: str, ttl: int) -> int:
     return 0
 
 
-def check_command(settings: Settings) -> int:
+@contextmanager
+def open_database(settings: Settings) -> Iterator[Database]:
+    """The configured database (the embedded one when there is no DATABASE_URL), one connection."""
     with ExitStack() as stack:
         if settings.embedded:
             server, raw = embedded.start(settings.data_dir)
@@ -136,6 +148,11 @@ def check_command(settings: Settings) -> int:
             raw = settings.database_url.get_secret_value()
         db = Database(make_engine(sqlalchemy_url(raw), settings, pool_size=1), settings.app_db_role)
         stack.callback(db.dispose)
+        yield db
+
+
+def check_command(settings: Settings) -> int:
+    with open_database(settings) as db:
         posture = read_posture(db)
     for problem in posture.problems:
         print(f"FAIL  {problem}")
@@ -145,6 +162,14 @@ def check_command(settings: Settings) -> int:
             f"role {settings.app_db_role} cannot bypass them"
         )
     return 0 if posture.ok else 1
+
+
+def audit_command(settings: Settings, *, as_json: bool) -> int:
+    """Exit 1 exactly when the posture check fails; the rest is information."""
+    with open_database(settings) as db:
+        report = audit_database(db)
+    print(json.dumps(report.to_dict(), indent=2) if as_json else report.to_text())
+    return 0 if report.ok else 1
 
 
 if __name__ == "__main__":

@@ -8,9 +8,13 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic.json_schema import models_json_schema
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlmodel import SQLModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import models
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +46,25 @@ class DatabaseUnavailable(Problem):
         )
 
 
-def problem_response(
-    status: int, detail: str, *, headers: dict[str, str] | None = None, **extra: Any
-) -> JSONResponse:
-    body = {
+def problem_body(status: int, detail: str, **extra: Any) -> dict[str, Any]:
+    """The document: service.models.Problem, plus `errors` (422) or `problems` (/readyz)."""
+    return {
         "type": "about:blank",
         "title": HTTPStatus(status).phrase,
         "status": status,
         "detail": detail,
         **extra,
     }
+
+
+def problem_response(
+    status: int, detail: str, *, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
     return JSONResponse(
-        jsonable_encoder(body), status_code=status, headers=headers, media_type=PROBLEM_JSON
+        jsonable_encoder(problem_body(status, detail, **extra)),
+        status_code=status,
+        headers=headers,
+        media_type=PROBLEM_JSON,
     )
 
 
@@ -74,6 +85,9 @@ def _is_not_json(exc: RequestValidationError) -> bool:
 
 
 def install_error_handlers(app: FastAPI, retry_after: int) -> None:
+    """Answer every error with a problem document, and publish their schemas in /openapi.json."""
+    _publish_problem_schemas(app)
+
     @app.exception_handler(Problem)
     async def on_problem(_: Request, exc: Problem) -> JSONResponse:
         return problem_response(exc.status, exc.detail, headers=exc.headers)
@@ -102,3 +116,184 @@ def install_error_handlers(app: FastAPI, retry_after: int) -> None:
     async def on_rejected_by_database(_: Request, exc: Exception) -> JSONResponse:
         log.warning("database refused the data: %s", type(exc).__name__)
         return problem_response(422, "The database refused these values.")
+
+
+# --- the OpenAPI document: which problems each route can answer -------------------------------
+# The routes' `responses=` are made of these. FastAPI documents a response `model` as
+# application/json, so a problem's content refers to its schema by name instead, and
+# install_error_handlers adds those schemas (service.models) to the document's components.
+
+_REF = "#/components/schemas/{}"
+
+
+def _publish_problem_schemas(app: FastAPI) -> None:
+    generate = app.openapi
+    problem_models = (models.Problem, models.ValidationProblem, models.ReadinessProblem)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = generate()
+            _, problems = models_json_schema(
+                [(model, "serialization") for model in problem_models],
+                ref_template=_REF.format("{model}"),
+            )
+            components = document.setdefault("components", {})
+            schemas = components.get("schemas", {}) | problems["$defs"]
+            components["schemas"] = dict(sorted(schemas.items()))
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _problem(
+    description: str,
+    examples: dict[str, dict[str, Any]],
+    *,
+    model: type[SQLModel] = models.Problem,
+    headers: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    content = {
+        PROBLEM_JSON: {"schema": {"$ref": _REF.format(model.__name__)}, "examples": examples}
+    }
+    response: dict[str, Any] = {"description": description, "content": content}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+def _example(summary: str, status: int, detail: str, **extra: Any) -> dict[str, Any]:
+    return {"summary": summary, "value": problem_body(status, detail, **extra)}
+
+
+def _retry_after(*, always: bool) -> dict[str, Any]:
+    return {
+        "Retry-After": {
+            "description": "Seconds to wait before trying again.",
+            "required": always,
+            "schema": {"type": "integer", "minimum": 1},
+            "example": 5,
+        }
+    }
+
+
+_DATABASE_DOWN = _example("The database cannot be reached", 503, DatabaseUnavailable(5).detail)
+_INVALID = "The request does not fit the schema."
+
+NOT_JSON = {
+    400: _problem(
+        "The body is not JSON at all.",
+        {"malformed": _example("Malformed JSON", 400, "The request body is not valid JSON.")},
+    )
+}
+UNAUTHORIZED = {
+    401: _problem(
+        "No bearer token, or one that is not valid: bad signature, unknown key, algorithm not"
+        " accepted, expired or not yet valid, wrong issuer or audience, no user claim.",
+        {
+            "missing": _example("No token", 401, "A bearer token is required."),
+            "expired": _example("An expired token", 401, "The token has expired."),
+        },
+        headers={
+            "WWW-Authenticate": {
+                "description": '`Bearer`, plus `error="invalid_token"` when a token was sent'
+                " (RFC 6750).",
+                "required": True,
+                "schema": {"type": "string"},
+                "example": 'Bearer error="invalid_token"',
+            }
+        },
+    )
+}
+FORBIDDEN = {
+    403: _problem(
+        "The token is valid but its user is not `{user_id}`. Decided before any database work.",
+        {
+            "other_user": _example(
+                "Another user's path", 403, "This token does not belong to that user."
+            )
+        },
+    )
+}
+NO_SUCH_TASK = {
+    404: _problem(
+        "No such task for this user; another user's task is a 404 too.",
+        {"missing": _example("No such task", 404, "No such task.")},
+    )
+}
+INVALID = {
+    422: _problem(
+        "JSON that does not fit the schema, or a task id that is not a positive 64-bit integer."
+        " `errors` names each field.",
+        {
+            "body": _example(
+                "A title that is too long",
+                422,
+                _INVALID,
+                errors=[
+                    {"field": "body.title", "message": "String should have at most 200 characters"}
+                ],
+            ),
+            "task_id": _example(
+                "A task id that is not positive",
+                422,
+                _INVALID,
+                errors=[
+                    {
+                        "field": "path.task_id",
+                        "message": "Input should be greater than or equal to 1",
+                    }
+                ],
+            ),
+        },
+        model=models.ValidationProblem,
+    )
+}
+UNAVAILABLE = {
+    503: _problem(
+        "The database, or the identity provider's keys, cannot be reached right now.",
+        {
+            "database": _DATABASE_DOWN,
+            "keys": _example(
+                "The token keys (JWKS) cannot be fetched",
+                503,
+                "Token keys cannot be fetched right now.",
+            ),
+        },
+        headers=_retry_after(always=True),
+    )
+}
+
+TASK_PROBLEMS = UNAUTHORIZED | FORBIDDEN | INVALID | UNAVAILABLE
+"""What every task route can answer, whatever its body: token, path, database."""
+
+READINESS_RESPONSES = {
+    200: {
+        "description": "The database answers and the security posture holds.",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"status": {"const": "ready"}},
+                    "required": ["status"],
+                },
+                "example": {"status": "ready"},
+            }
+        },
+    },
+    503: _problem(
+        "The database cannot be reached (with `Retry-After`), or the security posture does not"
+        " hold (with `problems`).",
+        {
+            "database": _DATABASE_DOWN,
+            "posture": _example(
+                "The security posture does not hold",
+                503,
+                "The security posture does not hold.",
+                problems=["row-level security is not forced on task"],
+            ),
+        },
+        model=models.ReadinessProblem,
+        headers=_retry_after(always=False),
+    ),
+}

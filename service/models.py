@@ -1,7 +1,7 @@
 """The task table and the request/response schemas, side by side."""
 
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
@@ -9,6 +9,7 @@ from pydantic import (
     StrictBool,
     StrictStr,
     StringConstraints,
+    WithJsonSchema,
     field_serializer,
     field_validator,
 )
@@ -18,6 +19,11 @@ from sqlmodel import Field, SQLModel
 TITLE_MAX = 200
 DESCRIPTION_MAX = 1000
 USER_ID_MAX = 255
+
+
+def documented(**keywords: Any) -> dict[str, Any]:
+    """`Field(schema_extra=…)` for JSON Schema keywords that only document, such as a format."""
+    return {"json_schema_extra": keywords}
 
 
 def storable_text(value: str) -> str:
@@ -76,6 +82,15 @@ class StrictInput(SQLModel):
 
 
 class TaskCreate(StrictInput):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"title": "Buy milk", "description": "2 litres", "completed": False},
+                {"title": "Call the plumber"},
+            ]
+        }
+    )
+
     title: Title
     description: Description | None = None
     completed: StrictBool = False
@@ -84,9 +99,19 @@ class TaskCreate(StrictInput):
 class TaskUpdate(StrictInput):
     """PUT: title is required; optional fields that are omitted keep their value."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"title": "Buy oat milk"},
+                {"title": "Buy oat milk", "description": None, "completed": True},
+            ]
+        }
+    )
+
     title: Title
     description: Description | None = None
-    completed: StrictBool | None = None
+    # Documented as a plain boolean: omitting it keeps the value, but null is refused.
+    completed: Annotated[StrictBool | None, WithJsonSchema({"type": "boolean"})] = None
 
     @field_validator("completed")
     @classmethod
@@ -98,18 +123,68 @@ class TaskUpdate(StrictInput):
 
 
 class TaskCompletion(StrictInput):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"completed": True}]})
+
     completed: StrictBool = True
 
 
+TASK_EXAMPLE = {
+    "id": 1,
+    "title": "Buy milk",
+    "description": "2 litres",
+    "completed": False,
+    "user_id": "alice",
+    "created_at": "2026-11-22T00:05:48.922509+00:00",
+    "updated_at": "2026-11-22T00:05:48.922509+00:00",
+}
+
+
 class TaskPublic(SQLModel):
-    id: int
-    title: str
-    description: str | None
+    model_config = ConfigDict(json_schema_extra={"examples": [TASK_EXAMPLE]})
+
+    # The lengths hold for every row: the table has the same CHECK constraints.
+    id: int = Field(schema_extra=documented(format="int64"))
+    title: str = Field(min_length=1, max_length=TITLE_MAX)
+    description: str | None = Field(max_length=DESCRIPTION_MAX)
     completed: bool
-    user_id: str
-    created_at: datetime
-    updated_at: datetime
+    user_id: str = Field(min_length=1, max_length=USER_ID_MAX)
+    # Serialized as strings (always with +00:00); the document still calls them date-times.
+    created_at: datetime = Field(schema_extra=documented(format="date-time"))
+    updated_at: datetime = Field(schema_extra=documented(format="date-time"))
 
     @field_serializer("created_at", "updated_at")
     def _as_utc(self, value: datetime) -> str:
         return value.astimezone(UTC).isoformat()
+
+
+# --- error bodies (application/problem+json, RFC 9457), as service.errors sends them --------
+
+
+class FieldError(SQLModel):
+    field: str = Field(description="Where the bad value is: `body.title`, `path.task_id`, …")
+    message: str
+
+
+class Problem(SQLModel):
+    """A problem document (RFC 9457)."""
+
+    type: str = Field(
+        description="Always `about:blank`.", schema_extra=documented(format="uri-reference")
+    )
+    title: str = Field(description="The status code's reason phrase.")
+    status: int = Field(ge=400, le=599)
+    detail: str = Field(description="What went wrong, for a person to read.")
+
+
+class ValidationProblem(Problem):
+    """`errors` names each field that does not fit the schema; it is absent only when the
+    database itself refused the values."""
+
+    errors: list[FieldError] = Field(default_factory=list, min_length=1)
+
+
+class ReadinessProblem(Problem):
+    """`problems` lists how the security posture fails; it is absent when the database
+    cannot be reached at all."""
+
+    problems: list[str] = Field(default_factory=list, min_length=1)

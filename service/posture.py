@@ -50,6 +50,11 @@ _POLICIES_OF = text(
 )
 
 
+_POLICY_NAMES_OF = text(
+    "SELECT polname FROM pg_policy WHERE polrelid = CAST(:relation AS regclass) ORDER BY 1"
+)
+
+
 def live_policies(conn: Connection, relation: str) -> dict[str, LivePolicy]:
     rows = conn.execute(_POLICIES_OF, {"relation": relation}).all()
     return {
@@ -71,14 +76,25 @@ _TEMP_COPY_DDL = text(
 
 def expected_policies(conn: Connection, directory: Path = POLICIES_DIR) -> dict[str, LivePolicy]:
     """The policies the files define, deparsed by this server, without touching the real table."""
+    return {name: policy for name, (policy, _) in expected_policy_sources(conn, directory).items()}
+
+
+def expected_policy_sources(
+    conn: Connection, directory: Path = POLICIES_DIR
+) -> dict[str, tuple[LivePolicy, Path]]:
+    """Each policy the files define, deparsed by this server, with the file that creates it."""
+    temp_table = f"pg_temp.{TABLE}"
+    created_by: dict[str, Path] = {}
     with conn.begin_nested() as savepoint:
         # pg_temp comes first on the search path, so the files' "ON task" lands on this copy.
         conn.exec_driver_sql(conn.execute(_TEMP_COPY_DDL, {"table": TABLE}).scalar_one())
         for path in policy_files(directory):
             conn.exec_driver_sql(path.read_text())
-        expected = live_policies(conn, f"pg_temp.{TABLE}")
+            for name in conn.scalars(_POLICY_NAMES_OF, {"relation": temp_table}):
+                created_by.setdefault(name, path)
+        expected = live_policies(conn, temp_table)
         savepoint.rollback()
-    return expected
+    return {name: (policy, created_by[name]) for name, policy in expected.items()}
 
 
 def policy_differences(live: dict[str, LivePolicy], expected: dict[str, LivePolicy]) -> list[str]:
@@ -131,6 +147,15 @@ _OWNED_BY = text(
 )
 
 
+def owned_objects(conn: Connection, role_oid: int) -> list[str]:
+    """Everything the role owns, described by PostgreSQL ("table task", "schema public", ...).
+
+    pg_shdepend records every object a role owns (schemas, functions, tables, ...), in any
+    database; owning the schema or the trigger function is as dangerous as owning the table.
+    """
+    return list(conn.scalars(_OWNED_BY, {"role_oid": role_oid}))
+
+
 def _role_problems(conn: Connection, app_role: str, owner_oid: int) -> list[str]:
     role = conn.execute(
         text("SELECT oid, rolsuper, rolbypassrls FROM pg_roles WHERE rolname = :role"),
@@ -156,10 +181,9 @@ def _role_problems(conn: Connection, app_role: str, owner_oid: int) -> list[str]
         {"role_oid": role_oid, "owner_oid": owner_oid},
     ).all()
     problems += [f"application role {app_role} can act as {name}" for name in escalations]
-    # pg_shdepend records every object a role owns (schemas, functions, tables, ...), in any
-    # database; owning the schema or the trigger function is as dangerous as owning the table.
-    owned = conn.scalars(_OWNED_BY, {"role_oid": role_oid}).all()
-    problems += [f"application role {app_role} owns {what}" for what in owned]
+    problems += [
+        f"application role {app_role} owns {what}" for what in owned_objects(conn, role_oid)
+    ]
     for privilege in FORBIDDEN_TABLE_PRIVILEGES:
         if conn.scalar(
             text("SELECT has_table_privilege(:role_oid, to_regclass(:table), :privilege)"),

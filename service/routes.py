@@ -8,28 +8,74 @@ from fastapi import APIRouter, Depends, Path, Request, Response, status
 from sqlmodel import Session, delete, select, update
 
 from service.auth import OwnerId
-from service.errors import Problem
-from service.models import Task, TaskCompletion, TaskCreate, TaskPublic, TaskUpdate
+from service.errors import NO_SUCH_TASK, NOT_JSON, TASK_PROBLEMS, Problem
+from service.models import (
+    TASK_EXAMPLE,
+    USER_ID_MAX,
+    Task,
+    TaskCompletion,
+    TaskCreate,
+    TaskPublic,
+    TaskUpdate,
+)
 
 MAX_BIGINT = 2**63 - 1
 
+UserId = Annotated[
+    str,
+    Path(
+        min_length=1,
+        max_length=USER_ID_MAX,
+        description="The caller's user id, exactly as in the token's user claim.",
+        examples=["alice"],
+    ),
+]
+TaskId = Annotated[
+    int,
+    Path(
+        ge=1,
+        le=MAX_BIGINT,
+        description="The task's id.",
+        examples=[1],
+        json_schema_extra={"format": "int64"},
+    ),
+]
 
-def task_session(request: Request, owner: OwnerId) -> Iterator[Session]:
+
+def task_session(request: Request, owner: OwnerId, user_id: UserId) -> Iterator[Session]:
+    # user_id equals owner here (path_owner made sure, with 401 and 403 first). Declaring it
+    # after OwnerId is what puts its limits in the OpenAPI document, which keeps the last
+    # declaration of a parameter; a path longer than 255 can never get past the 403.
     with request.app.state.db.session_for(owner) as session:
         yield session
 
 
 SessionDep = Annotated[Session, Depends(task_session)]
-TaskId = Annotated[int, Path(gt=0, le=MAX_BIGINT, description="The task's id.")]
 
-router = APIRouter(prefix="/api/{user_id}/tasks", tags=["tasks"])
+# What the document says beyond the signatures; the problems are in service.errors.
+LISTED = {200: {"content": {"application/json": {"example": [TASK_EXAMPLE]}}}}
+CREATED = {
+    201: {
+        "description": "The created task.",
+        "headers": {
+            "Location": {
+                "description": "The task's URL.",
+                "required": True,
+                "schema": {"type": "string", "format": "uri-reference"},
+                "example": "/api/alice/tasks/1",
+            }
+        },
+    }
+}
+
+router = APIRouter(prefix="/api/{user_id}/tasks", tags=["tasks"], responses=TASK_PROBLEMS)
 
 
 def not_found() -> Problem:
     return Problem(404, "No such task.")
 
 
-@router.get("", response_model=list[TaskPublic])
+@router.get("", response_model=list[TaskPublic], responses=LISTED)
 def list_tasks(owner: OwnerId, session: SessionDep) -> list[Task]:
     """The caller's tasks, newest first."""
     query = (
@@ -38,7 +84,12 @@ def list_tasks(owner: OwnerId, session: SessionDep) -> list[Task]:
     return list(session.exec(query).all())
 
 
-@router.post("", response_model=TaskPublic, status_code=status.HTTP_201_CREATED)
+@router.post(
+    "",
+    response_model=TaskPublic,
+    status_code=status.HTTP_201_CREATED,
+    responses=NOT_JSON | CREATED,
+)
 def create_task(
     owner: OwnerId, body: TaskCreate, session: SessionDep, request: Request, response: Response
 ) -> Task:
@@ -52,7 +103,7 @@ def create_task(
     return task
 
 
-@router.get("/{task_id}", response_model=TaskPublic)
+@router.get("/{task_id}", response_model=TaskPublic, responses=NO_SUCH_TASK)
 def read_task(owner: OwnerId, task_id: TaskId, session: SessionDep) -> Task:
     task = session.exec(select(Task).where(Task.id == task_id, Task.user_id == owner)).first()
     if task is None:
@@ -60,13 +111,13 @@ def read_task(owner: OwnerId, task_id: TaskId, session: SessionDep) -> Task:
     return task
 
 
-@router.put("/{task_id}", response_model=TaskPublic)
+@router.put("/{task_id}", response_model=TaskPublic, responses=NOT_JSON | NO_SUCH_TASK)
 def replace_task(owner: OwnerId, task_id: TaskId, body: TaskUpdate, session: SessionDep) -> Task:
     """Title is required; description and completed keep their value when omitted."""
     return _update(session, owner, task_id, body.model_dump(exclude_unset=True))
 
 
-@router.patch("/{task_id}/complete", response_model=TaskPublic)
+@router.patch("/{task_id}/complete", response_model=TaskPublic, responses=NOT_JSON | NO_SUCH_TASK)
 def complete_task(
     owner: OwnerId, task_id: TaskId, session: SessionDep, body: TaskCompletion | None = None
 ) -> Task:
@@ -75,7 +126,7 @@ def complete_task(
     return _update(session, owner, task_id, {"completed": completed})
 
 
-@router.delete("/{task_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/{task_id}", status_code=status.HTTP_204_NO_CONTENT, responses=NO_SUCH_TASK)
 def delete_task(owner: OwnerId, task_id: TaskId, session: SessionDep) -> Response:
     result = session.exec(delete(Task).where(Task.id == task_id, Task.user_id == owner))
     if result.rowcount == 0:

@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     db_connect_attempts: int = Field(4, ge=1)
     db_prepared_statements: bool = False
     retry_after_seconds: int = Field(5, ge=1)
+    max_body_bytes: int = Field(64 * 1024, ge=1024)
 
     log_level: str = "INFO"
     # json: one JSON object per line; text: for people; auto: text on a terminal, else json.

@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -154,6 +155,40 @@ def make_token(
 
 def bearer(user_id: str, **kwargs: Any) -> dict[str, str]:
     return {"Authorization": f"Bearer {make_token(user_id, **kwargs)}"}
+
+
+@contextmanager
+def live_server(settings: Settings, *, port: int = 0) -> Iterator[str]:
+    """The real app under uvicorn on 127.0.0.1, in a thread; yields its base URL."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        create_app(settings),
+        host="127.0.0.1",
+        port=port or free_port(),
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="todo-api-live-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the live server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @contextmanager

@@ -144,6 +144,20 @@ def test_serve_with_a_real_database_refuses_a_missing_or_short_secret(secret, me
     assert "Traceback" not in result.stderr
 
 
+def test_serve_says_where_it_listens_and_masks_the_database_password():
+    env = todo_api_env(
+        DATABASE_URL="postgresql://app:hunter2-secret@127.0.0.1:1/todo",
+        JWT_SECRET=TEST_SECRET,
+        DB_CONNECT_ATTEMPTS="1",
+    )
+    port = free_port()
+    result = run("serve", "--port", str(port), env=env)
+    assert result.returncode != 0  # nothing listens on port 1: start-up fails closed
+    assert f"listening on http://127.0.0.1:{port}" in result.stderr
+    assert "postgresql+psycopg://app:***@127.0.0.1:1/todo" in result.stderr
+    assert "hunter2-secret" not in result.stderr
+
+
 def test_migrate_uses_the_admin_url_and_is_idempotent(server_url):
     with migrated_database(server_url, migrate=False) as db:
         env = todo_api_env(
