@@ -9,13 +9,15 @@ from fastapi import FastAPI, Request, Response
 from pydantic import SecretStr
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.types import ASGIApp
 
 from service import embedded
-from service.auth import TokenVerifier
+from service.auth import TokenVerifier, authorize_request
 from service.db import Database, make_engine, run_migrations
 from service.errors import (
     READINESS_RESPONSES,
     DatabaseUnavailable,
+    TooLargeAsProblem,
     install_error_handlers,
     problem_response,
 )
@@ -50,6 +52,11 @@ def read_posture(db: Database) -> Posture:
     return posture
 
 
+class TodoAPI(FastAPI):
+    def build_middleware_stack(self) -> ASGIApp:
+        return TooLargeAsProblem(super().build_middleware_stack())
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     base_settings = settings or get_settings()
     configure_logging(base_settings.log_level, base_settings.log_format)
@@ -74,7 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.verifier = TokenVerifier(current)
             yield
 
-    app = FastAPI(
+    app = TodoAPI(
         title="todo-api",
         summary="A multi-user task API in which PostgreSQL row-level security keeps users apart.",
         version="1.0.0",
@@ -83,7 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body_size=base_settings.max_body_bytes,
     )
     app.state.retry_after = base_settings.retry_after_seconds
-    install_error_handlers(app, base_settings.retry_after_seconds)
+    install_error_handlers(app, base_settings.retry_after_seconds, authorize_request)
     app.state.metrics = Metrics(app)
     app.middleware("http")(observe_requests)
     app.include_router(router)

@@ -6,6 +6,7 @@ from typing import Annotated, Any, TypeGuard
 import jwt
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 
 from service.errors import Problem, Unauthorized
 from service.models import storable_text
@@ -131,3 +132,13 @@ def path_owner(user_id: str, current: CurrentUser) -> str:
 
 
 OwnerId = Annotated[str, Depends(path_owner)]
+
+
+def authorize_request(request: Request) -> None:
+    """The same checks as OwnerId, for a request whose body failed before they could run."""
+    if "user_id" not in request.path_params:
+        return
+    scheme, token = get_authorization_scheme_param(request.headers.get("Authorization"))
+    bearer = scheme.lower() == "bearer" and token
+    credentials = HTTPAuthorizationCredentials(scheme=scheme, credentials=token) if bearer else None
+    path_owner(request.path_params["user_id"], current_user(request, credentials))

@@ -1,10 +1,12 @@
 """Every error is application/problem+json (RFC 9457), with no stack trace, SQL or token."""
 
 import logging
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -13,12 +15,14 @@ from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlmodel import SQLModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import models
 
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
+TOO_LARGE_DETAIL = "The request body is too large."
 
 
 class Problem(Exception):
@@ -84,8 +88,14 @@ def _is_not_json(exc: RequestValidationError) -> bool:
     )
 
 
-def install_error_handlers(app: FastAPI, retry_after: int) -> None:
-    """Answer every error with a problem document, and publish their schemas in /openapi.json."""
+def install_error_handlers(
+    app: FastAPI, retry_after: int, authorize: Callable[[Request], None]
+) -> None:
+    """Answer every error with a problem document, and publish their schemas in /openapi.json.
+
+    `authorize` runs the route's token and path checks: FastAPI parses a body before it runs
+    dependencies, and a client must still learn 401/403 before 400/422.
+    """
     _publish_problem_schemas(app)
 
     @app.exception_handler(Problem)
@@ -97,7 +107,11 @@ def install_error_handlers(app: FastAPI, retry_after: int) -> None:
         return problem_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def on_invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def on_invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        try:
+            await run_in_threadpool(authorize, request)
+        except Problem as problem:
+            return problem_response(problem.status, problem.detail, headers=problem.headers)
         if _is_not_json(exc):
             return problem_response(400, "The request body is not valid JSON.")
         return problem_response(
@@ -116,6 +130,34 @@ def install_error_handlers(app: FastAPI, retry_after: int) -> None:
     async def on_rejected_by_database(_: Request, exc: Exception) -> JSONResponse:
         log.warning("database refused the data: %s", type(exc).__name__)
         return problem_response(422, "The database refused these values.")
+
+
+class TooLargeAsProblem:
+    """Starlette's body limiter answers 413 in plain text, outside every handler and middleware
+    FastAPI lets us add; rewrite that one response so that clients get one error format."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        replaced = False
+
+        async def send_as_problem(message: Message) -> None:
+            nonlocal replaced
+            if replaced:
+                return  # the plain-text body of the replaced response
+            if message["type"] == "http.response.start" and message["status"] == 413:
+                headers = dict(message.get("headers", []))
+                if not headers.get(b"content-type", b"").startswith(PROBLEM_JSON.encode()):
+                    replaced = True
+                    await problem_response(413, TOO_LARGE_DETAIL)(scope, receive, send)
+                    return
+            await send(message)
+
+        await self.app(scope, receive, send_as_problem)
 
 
 # --- the OpenAPI document: which problems each route can answer -------------------------------
@@ -180,11 +222,15 @@ def _retry_after(*, always: bool) -> dict[str, Any]:
 _DATABASE_DOWN = _example("The database cannot be reached", 503, DatabaseUnavailable(5).detail)
 _INVALID = "The request does not fit the schema."
 
-NOT_JSON = {
+BODY_PROBLEMS = {
     400: _problem(
         "The body is not JSON at all.",
         {"malformed": _example("Malformed JSON", 400, "The request body is not valid JSON.")},
-    )
+    ),
+    413: _problem(
+        "The body is larger than MAX_BODY_BYTES (64 KiB by default); it is not read whole.",
+        {"too_large": _example("A body over the limit", 413, TOO_LARGE_DETAIL)},
+    ),
 }
 UNAUTHORIZED = {
     401: _problem(

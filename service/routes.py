@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Path, Request, Response, status
 from sqlmodel import Session, delete, select, update
 
 from service.auth import OwnerId
-from service.errors import NO_SUCH_TASK, NOT_JSON, TASK_PROBLEMS, Problem
+from service.errors import BODY_PROBLEMS, NO_SUCH_TASK, TASK_PROBLEMS, Problem
 from service.models import (
     TASK_EXAMPLE,
     USER_ID_MAX,
@@ -88,7 +88,7 @@ def list_tasks(owner: OwnerId, session: SessionDep) -> list[Task]:
     "",
     response_model=TaskPublic,
     status_code=status.HTTP_201_CREATED,
-    responses=NOT_JSON | CREATED,
+    responses=BODY_PROBLEMS | CREATED,
 )
 def create_task(
     owner: OwnerId, body: TaskCreate, session: SessionDep, request: Request, response: Response
@@ -111,13 +111,15 @@ def read_task(owner: OwnerId, task_id: TaskId, session: SessionDep) -> Task:
     return task
 
 
-@router.put("/{task_id}", response_model=TaskPublic, responses=NOT_JSON | NO_SUCH_TASK)
+@router.put("/{task_id}", response_model=TaskPublic, responses=BODY_PROBLEMS | NO_SUCH_TASK)
 def replace_task(owner: OwnerId, task_id: TaskId, body: TaskUpdate, session: SessionDep) -> Task:
     """Title is required; description and completed keep their value when omitted."""
     return _update(session, owner, task_id, body.model_dump(exclude_unset=True))
 
 
-@router.patch("/{task_id}/complete", response_model=TaskPublic, responses=NOT_JSON | NO_SUCH_TASK)
+@router.patch(
+    "/{task_id}/complete", response_model=TaskPublic, responses=BODY_PROBLEMS | NO_SUCH_TASK
+)
 def complete_task(
     owner: OwnerId, task_id: TaskId, session: SessionDep, body: TaskCompletion | None = None
 ) -> Task:

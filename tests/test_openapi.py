@@ -20,11 +20,11 @@ REF = "#/components/schemas/"
 EVERY_TASK_ROUTE = {"401", "403", "422", "503"}
 TASK_ROUTES = {
     ("get", TASKS): {"200"},
-    ("post", TASKS): {"201", "400"},
+    ("post", TASKS): {"201", "400", "413"},
     ("get", ONE_TASK): {"200", "404"},
-    ("put", ONE_TASK): {"200", "400", "404"},
+    ("put", ONE_TASK): {"200", "400", "404", "413"},
     ("delete", ONE_TASK): {"204", "404"},
-    ("patch", ONE_TASK + "/complete"): {"200", "400", "404"},
+    ("patch", ONE_TASK + "/complete"): {"200", "400", "404", "413"},
 }
 OPERATIONS = {("get", "/healthz"): {"200"}, ("get", "/readyz"): {"200", "503"}}
 EXPECTED = {route: EVERY_TASK_ROUTE | own for route, own in TASK_ROUTES.items()} | OPERATIONS

@@ -385,3 +385,38 @@ def test_openapi_declares_the_bearer_scheme_and_the_six_routes(client):
         ("PATCH", "/api/{user_id}/tasks/{task_id}/complete"),
     }
     assert client.get("/docs").status_code == 200
+
+
+# --- order of decisions, and oversized bodies ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "headers_for", "expected"),
+    [
+        (b"{not json", None, 401),
+        (b"{not json", BOB, 403),
+        (b'{"title": 5}', None, 401),
+        (b'{"title": 5}', BOB, 403),
+        (b"{not json", ALICE, 400),
+    ],
+)
+@pytest.mark.parametrize("method", ["post", "put"])
+def test_auth_is_decided_before_the_body(client, auth, content, headers_for, expected, method):
+    headers = {"content-type": "application/json"}
+    if headers_for:
+        headers |= auth(headers_for)
+    url = "/api/alice/tasks" if method == "post" else "/api/alice/tasks/1"
+    response = client.request(method, url, content=content, headers=headers)
+    assert_problem(response, expected)
+    if expected == 401:
+        assert response.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_over_64_kib_is_413_problem_and_changes_nothing(client, admin, auth, chunked):
+    body = b'{"title": "' + b"x" * (64 * 1024) + b'"}'
+    content = iter([body[:1000], body[1000:]]) if chunked else body
+    headers = {**auth(ALICE), "content-type": "application/json"}
+    response = client.post("/api/alice/tasks", content=content, headers=headers)
+    assert_problem(response, 413)
+    assert admin.execute("SELECT count(*) FROM task").fetchone()[0] == 0
