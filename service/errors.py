@@ -267,6 +267,16 @@ NO_SUCH_TASK = {
         {"missing": _example("No such task", 404, "No such task.")},
     )
 }
+PRECONDITION_FAILED = {
+    412: _problem(
+        "`If-Match` was sent and the task has changed since: nothing was changed.",
+        {
+            "stale": _example(
+                "A stale ETag", 412, "The task has changed since it was read; read it again."
+            )
+        },
+    )
+}
 INVALID = {
     422: _problem(
         "JSON that does not fit the schema, or a task id that is not a positive 64-bit integer."

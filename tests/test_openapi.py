@@ -22,9 +22,9 @@ TASK_ROUTES = {
     ("get", TASKS): {"200"},
     ("post", TASKS): {"201", "400", "413"},
     ("get", ONE_TASK): {"200", "404"},
-    ("put", ONE_TASK): {"200", "400", "404", "413"},
-    ("delete", ONE_TASK): {"204", "404"},
-    ("patch", ONE_TASK + "/complete"): {"200", "400", "404", "413"},
+    ("put", ONE_TASK): {"200", "400", "404", "412", "413"},
+    ("delete", ONE_TASK): {"204", "404", "412"},
+    ("patch", ONE_TASK + "/complete"): {"200", "400", "404", "412", "413"},
 }
 OPERATIONS = {("get", "/healthz"): {"200"}, ("get", "/readyz"): {"200", "503"}}
 EXPECTED = {route: EVERY_TASK_ROUTE | own for route, own in TASK_ROUTES.items()} | OPERATIONS
@@ -250,9 +250,12 @@ def test_completed_is_a_boolean_in_every_request(spec):
 
 @pytest.mark.parametrize(("method", "path"), TASK_ROUTES)
 def test_path_parameters(spec, database_limits, method, path):
-    parameters = {p["name"]: p for p in spec["paths"][path][method]["parameters"]}
+    everything = spec["paths"][path][method]["parameters"]
+    parameters = {p["name"]: p for p in everything if p["in"] == "path"}
     assert set(parameters) == ({"user_id", "task_id"} if "{task_id}" in path else {"user_id"})
-    assert all(p["in"] == "path" and p["required"] for p in parameters.values())
+    assert all(p["required"] for p in parameters.values())
+    headers = {p["name"] for p in everything if p["in"] == "header"}
+    assert headers == ({"if-match"} if method in ("put", "patch", "delete") else set())
     user_id = parameters["user_id"]["schema"]
     assert (user_id["type"], user_id["minLength"], user_id["maxLength"]) == (
         "string",
