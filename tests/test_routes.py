@@ -420,3 +420,21 @@ def test_a_body_over_64_kib_is_413_problem_and_changes_nothing(client, admin, au
     response = client.post("/api/alice/tasks", content=content, headers=headers)
     assert_problem(response, 413)
     assert admin.execute("SELECT count(*) FROM task").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b'{"title": "\xff\xfe"}', b'{"title": "ok"}\x00', b'\x00{"title": "x"}', b"\xc3\x28"],
+)
+def test_invalid_utf8_and_raw_nul_bodies_are_400(client, admin, auth, content):
+    headers = {**auth(ALICE), "content-type": "application/json"}
+    response = client.post("/api/alice/tasks", content=content, headers=headers)
+    assert_problem(response, 400)
+    assert admin.execute("SELECT count(*) FROM task").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("path", ["/api/%00/tasks", "/api/%FF/tasks", "/api/alice/tasks/%00"])
+def test_hostile_paths_are_4xx(client, auth, path):
+    response = client.get(path, headers=auth(ALICE))
+    assert 400 <= response.status_code < 500
+    assert response.headers["content-type"] == "application/problem+json"
