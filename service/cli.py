@@ -3,6 +3,7 @@
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -85,6 +86,7 @@ def serve_command(settings: Settings, host: str, port: int, workers: int) -> int
         workers=workers,
         access_log=False,
         log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
     )
     return 0
 
@@ -97,19 +99,22 @@ def migrate_command(settings: Settings, wait_seconds: float) -> int:
             stack.callback(server.cleanup)
         else:
             url = sqlalchemy_url(raw).render_as_string(hide_password=False)
-        wait_for_database(url, wait_seconds)
+        wait_for_database(url, wait_seconds, settings.db_connect_timeout_seconds)
         run_migrations(url, settings.app_db_role)
     return 0
 
 
-def wait_for_database(url: str, wait_seconds: float) -> None:
+def wait_for_database(url: str, wait_seconds: float, connect_timeout: int = 5) -> None:
     """A waking Neon compute takes a moment: retry with backoff until the deadline."""
     libpq_url = sqlalchemy_url(url).set(drivername="postgresql").render_as_string(False)
     deadline = time.monotonic() + wait_seconds
     delay = 0.25
     while True:
+        # A host that never answers must not stretch the wait by a whole connect timeout
+        # (psycopg waits at least 2 s per attempt).
+        timeout = max(2, min(connect_timeout, math.ceil(deadline - time.monotonic())))
         try:
-            psycopg.connect(libpq_url, connect_timeout=5).close()
+            psycopg.connect(libpq_url, connect_timeout=timeout).close()
             return
         except psycopg.OperationalError:
             if time.monotonic() + delay > deadline:

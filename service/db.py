@@ -44,6 +44,13 @@ def make_engine(url: URL, settings: Settings, *, pool_size: int | None = None) -
         connect_args={
             "connect_timeout": settings.db_connect_timeout_seconds,
             "application_name": "todo-api",
+            # A half-open TCP connection (network partition, suspended compute) must not block
+            # a pre-ping forever: keepalives and a user timeout bound it (ignored on sockets).
+            "keepalives": 1,
+            "keepalives_idle": 30,
+            "keepalives_interval": 10,
+            "keepalives_count": 3,
+            "tcp_user_timeout": 30_000,
             # Behind PgBouncer in transaction mode, server-side prepared statements can land on
             # another server connection; psycopg only prepares when this is not None.
             "prepare_threshold": 5 if settings.db_prepared_statements else None,

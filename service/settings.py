@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     db_connect_attempts: int = Field(4, ge=1)
     db_prepared_statements: bool = False
     retry_after_seconds: int = Field(5, ge=1)
+    # On SIGTERM, requests in flight get this long to finish before they are cancelled; a
+    # client that stalls forever cannot keep the process (and its database) alive.
+    shutdown_timeout_seconds: int = Field(30, ge=1)
     max_body_bytes: int = Field(64 * 1024, ge=1024)
 
     log_level: str = "INFO"
