@@ -5,15 +5,23 @@ and roles), else from testcontainers when a Docker engine answers, else from the
 PostgreSQL. Each `migrated_database()` is a fresh database with its own application role,
 dropped afterwards, so suites can run side by side on one server.
 
+`pgbouncer(server_url)` starts a real PgBouncer in transaction mode in front of a server (the
+pooler Neon puts behind its `-pooler` host). With TEST_POOLER_URL set to a PgBouncer's URL, or to
+`auto` (the session starts one), `TestDatabase.settings()` connects the service through it, while
+migrations and the owner's `connect()` stay direct.
+
 As a pytest plugin (`pytest_plugins = ["service.testing"]`) it provides the fixtures
-todo_server_url, todo_database, todo_fresh_database, todo_client, todo_token and
-todo_auth.
+todo_server_url, todo_pooler_url, todo_database, todo_fresh_database, todo_client, todo_token
+and todo_auth.
 """
 
 import http.client
 import os
+import pwd
 import shutil
+import signal
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -31,6 +39,7 @@ import pytest
 from fastapi.testclient import TestClient
 from psycopg import sql
 from pydantic import SecretStr
+from sqlalchemy.engine import URL
 
 from service.app import create_app
 from service.db import run_migrations
@@ -38,6 +47,7 @@ from service.settings import Settings, sqlalchemy_url
 
 TEST_SECRET = "test-secret-that-is-at-least-32-bytes-long"  # noqa: S105 (tests only)
 POSTGRES_IMAGE = "postgres:17-alpine"
+POOLER_ENV = "TEST_POOLER_URL"
 
 
 def docker_available(timeout: float = 2.0) -> bool:
@@ -66,8 +76,13 @@ def docker_available(timeout: float = 2.0) -> bool:
         return False
 
 
+def make_url_for(url: str) -> URL:
+    """A libpq URL (postgresql://) as a SQLAlchemy URL object."""
+    return sqlalchemy_url(url).set(drivername="postgresql")
+
+
 def libpq_url(url: str, database: str | None = None) -> str:
-    parsed = sqlalchemy_url(url).set(drivername="postgresql")
+    parsed = make_url_for(url)
     if database is not None:
         parsed = parsed.set(database=database)
     return parsed.render_as_string(hide_password=False)
@@ -97,6 +112,179 @@ def postgres_server_url() -> Iterator[str]:
             shutil.rmtree(parent, ignore_errors=True)
 
 
+def _url_host_port(url: URL) -> tuple[str, int]:
+    """Where a URL points: its host (a Unix-socket folder in `?host=` counts) and port."""
+    host, port = url.query.get("host", url.host), url.query.get("port", url.port)
+    if isinstance(host, tuple):
+        host = host[0]
+    if isinstance(port, tuple):
+        port = port[0]
+    return host or "127.0.0.1", int(port or 5432)
+
+
+def pgbouncer_binary() -> str | None:
+    """The pgbouncer executable, or None when it is not installed (Debian puts it in sbin)."""
+    candidates = (shutil.which("pgbouncer"), "/usr/sbin/pgbouncer", "/usr/bin/pgbouncer")
+    return next((path for path in candidates if path and Path(path).is_file()), None)
+
+
+def _pgbouncer_account(server_host: str) -> pwd.struct_passwd | None:
+    """PgBouncer refuses to run as root: run it as `postgres` (or as the owner of the server's
+    Unix-socket folder, which only that user may enter). None: run it as ourselves."""
+    if os.geteuid() != 0:
+        return None
+    if server_host.startswith("/"):
+        owner = Path(server_host).stat().st_uid
+        if owner != 0:
+            return pwd.getpwuid(owner)
+    return pwd.getpwnam("postgres")
+
+
+def _ini_quote(value: str) -> str:
+    return '"' + value.replace('"', '""') + '"'
+
+
+@contextmanager
+def pgbouncer(
+    server_url: str, *, pool_size: int = 5, query_wait_timeout: int = 10, timeout: float = 15
+) -> Iterator[str]:
+    """A real PgBouncer (`pool_mode = transaction`) in front of `server_url`; yields its URL.
+
+    It listens on a free 127.0.0.1 port and forwards every database name to the same database on
+    the server. The server URL's user gets in (auth_type trust; PgBouncer logs in to the server
+    with that user's password, if the URL has one), and so does any other role that user can
+    look up on the server (auth_user). `pool_size` is PgBouncer's default_pool_size: server
+    connections per database and user; a query that waits longer than `query_wait_timeout`
+    seconds for one fails (08P01). Config, log and pid file live in a temporary folder, removed
+    after a safe shutdown (SIGINT) that leaves no process behind. Needs the `pgbouncer` binary
+    (Debian: `apt-get install --no-install-recommends pgbouncer`).
+    """
+    binary = pgbouncer_binary()
+    if binary is None:
+        raise FileNotFoundError(
+            "pgbouncer is not installed (apt-get install --no-install-recommends pgbouncer)"
+        )
+    server = make_url_for(server_url)
+    server_host, server_port = _url_host_port(server)
+    user, password = server.username or "postgres", server.password or ""
+    account = _pgbouncer_account(server_host)
+    port = free_port()
+    folder = Path(tempfile.mkdtemp(prefix="todo-api-pgbouncer-"))
+    ini = folder / "pgbouncer.ini"
+    log = folder / "pgbouncer.log"
+    try:
+        (folder / "users.txt").write_text(f"{_ini_quote(user)} {_ini_quote(password)}\n")
+        ini.write_text(
+            "[databases]\n"
+            f"* = host={server_host} port={server_port}\n"
+            "[pgbouncer]\n"
+            "listen_addr = 127.0.0.1\n"
+            f"listen_port = {port}\n"
+            "unix_socket_dir =\n"
+            "auth_type = trust\n"
+            f"auth_file = {folder / 'users.txt'}\n"
+            # Other roles (a least-privilege login) are looked up on the server as this user.
+            f"auth_user = {user}\n"
+            "pool_mode = transaction\n"
+            f"default_pool_size = {pool_size}\n"
+            "max_client_conn = 1000\n"
+            # Sent by some drivers (JDBC, asyncpg); PgBouncer refuses unknown startup parameters.
+            "ignore_startup_parameters = extra_float_digits\n"
+            # Retry a refused server login soon (the default waits 15 s), and fail a query that
+            # waits too long for a server connection (the default waits 120 s).
+            "server_login_retry = 1\n"
+            f"query_wait_timeout = {query_wait_timeout}\n"
+            f"logfile = {log}\n"
+            f"pidfile = {folder / 'pgbouncer.pid'}\n"
+        )
+        if account is not None:
+            os.chmod(folder, 0o700)
+            for path in (folder, *folder.iterdir()):
+                os.chown(path, account.pw_uid, account.pw_gid)
+        with (folder / "stderr.log").open("wb") as stderr:
+            process = subprocess.Popen(  # noqa: S603 (a fixed binary and our own config)
+                [binary, "-q", str(ini)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                user=account.pw_uid if account else None,
+                group=account.pw_gid if account else None,
+                extra_groups=[] if account else None,
+            )
+        try:
+            url = server.set(host="127.0.0.1", port=port).difference_update_query(["host", "port"])
+            _wait_for_pgbouncer(process, url.render_as_string(hide_password=False), timeout, folder)
+            yield url.render_as_string(hide_password=False)
+        finally:
+            _stop(process)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _wait_for_pgbouncer(
+    process: subprocess.Popen[bytes], url: str, timeout: float, folder: Path
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"pgbouncer exited ({process.returncode}): {_tail(folder)}")
+        try:
+            with psycopg.connect(url, connect_timeout=2, autocommit=True) as conn:
+                conn.execute("SELECT 1")
+            return
+        except psycopg.OperationalError as error:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"pgbouncer did not answer: {error}; {_tail(folder)}") from None
+            time.sleep(0.05)
+
+
+def _tail(folder: Path) -> str:
+    text = ""
+    for name in ("stderr.log", "pgbouncer.log"):
+        path = folder / name
+        if path.exists():
+            text += path.read_text(errors="replace")
+    return text[-2000:]
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGINT is PgBouncer's safe shutdown; then SIGTERM (immediate), then SIGKILL."""
+    for sig, wait in ((signal.SIGINT, 10), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        if process.poll() is not None:
+            return
+        process.send_signal(sig)
+        try:
+            process.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    process.wait()
+
+
+def env_pooler_url() -> str | None:
+    """The PgBouncer services connect through in tests (TEST_POOLER_URL), None for direct."""
+    value = os.environ.get(POOLER_ENV, "").strip()
+    if value == "auto":
+        raise RuntimeError(
+            "TEST_POOLER_URL=auto is resolved by the todo_pooler_url fixture when the session "
+            "starts; outside pytest, set it to a PgBouncer's URL"
+        )
+    return value or None
+
+
+def through_pooler(url: str, pooler: str) -> str:
+    """`url` (the same user, password and database) pointed at the pooler's host and port."""
+    host, port = _url_host_port(make_url_for(pooler))
+    target = make_url_for(url).difference_update_query(["host", "port"])
+    if host.startswith("/"):
+        target = target.set(host=None, port=None).update_query_dict(
+            {"host": host, "port": str(port)}
+        )
+    else:
+        target = target.set(host=host, port=port)
+    return target.render_as_string(hide_password=False)
+
+
 @dataclass(frozen=True)
 class TestDatabase:
     __test__ = False  # not a pytest test class
@@ -106,26 +294,45 @@ class TestDatabase:
     name: str
     app_role: str
 
+    pooler_url: str | None = None  # a PgBouncer in front of server_url, for the service
+
+    @property
+    def service_url(self) -> str:
+        """The URL the service connects with: through `pooler_url` when set, else direct."""
+        return through_pooler(self.url, self.pooler_url) if self.pooler_url else self.url
+
+    @property
+    def pooled(self) -> bool:
+        """True when the service connects through a transaction pooler."""
+        return self.pooler_url is not None
+
     def settings(self, **overrides: Any) -> Settings:
+        """The service's settings: `service_url`, a test secret, this database's app role."""
         values: dict[str, Any] = {
-            "database_url": SecretStr(self.url),
+            "database_url": SecretStr(self.service_url),
             "jwt_secret": SecretStr(TEST_SECRET),
             "app_db_role": self.app_role,
         }
         return Settings(**(values | overrides))
 
     def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
-        """A connection as the database's owner (a superuser in the usual test setups)."""
+        """A direct connection as the database's owner (a superuser in the usual test setups)."""
         return psycopg.connect(self.url, **kwargs)
 
 
 @contextmanager
-def migrated_database(server_url: str, *, migrate: bool = True) -> Iterator[TestDatabase]:
+def migrated_database(
+    server_url: str, *, migrate: bool = True, pooler_url: str | None = None
+) -> Iterator[TestDatabase]:
+    """A fresh database (migrated as its owner unless `migrate=False`) with its own app role,
+    dropped afterwards. `pooler_url`: a PgBouncer in front of `server_url` that the service
+    connects through (default: TEST_POOLER_URL; unset, the service connects directly)."""
     suffix = uuid.uuid4().hex[:10]
     name, role = f"todo_test_{suffix}", f"todo_app_{suffix}"
     with psycopg.connect(server_url, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    database = TestDatabase(server_url, libpq_url(server_url, name), name, role)
+    pooler = pooler_url or env_pooler_url()
+    database = TestDatabase(server_url, libpq_url(server_url, name), name, role, pooler)
     try:
         if migrate:
             run_migrations(database.url, role)
@@ -208,17 +415,35 @@ def todo_server_url() -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="session", autouse=True)
+def todo_pooler_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """The PgBouncer the service connects through: TEST_POOLER_URL, or with TEST_POOLER_URL=auto
+    one started in front of todo_server_url for the session (the variable then holds its URL
+    until the session ends). None when unset: the service connects directly."""
+    if os.environ.get(POOLER_ENV, "").strip() != "auto":
+        yield env_pooler_url()
+        return
+    with (
+        pgbouncer(request.getfixturevalue("todo_server_url")) as url,
+        pytest.MonkeyPatch.context() as env,
+    ):
+        env.setenv(POOLER_ENV, url)
+        yield url
+
+
 @pytest.fixture(scope="session")
-def todo_database(todo_server_url: str) -> Iterator[TestDatabase]:
+def todo_database(todo_server_url: str, todo_pooler_url: str | None) -> Iterator[TestDatabase]:
     """A migrated database of the session's own, with its own application role."""
-    with migrated_database(todo_server_url) as database:
+    with migrated_database(todo_server_url, pooler_url=todo_pooler_url) as database:
         yield database
 
 
 @pytest.fixture
-def todo_fresh_database(todo_server_url: str) -> Iterator[TestDatabase]:
+def todo_fresh_database(
+    todo_server_url: str, todo_pooler_url: str | None
+) -> Iterator[TestDatabase]:
     """A migrated database for one test, e.g. one that damages the schema or the role."""
-    with migrated_database(todo_server_url) as database:
+    with migrated_database(todo_server_url, pooler_url=todo_pooler_url) as database:
         yield database
 
 

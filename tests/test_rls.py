@@ -307,7 +307,8 @@ def test_orm_session_without_an_identity_refuses_to_begin(orm, database, seeded,
 # --- a pooled connection carries nothing from one request to the next ------------------------
 
 
-def connection_state(db: Database) -> tuple[int, str, str, str | None]:
+def connection_state(db: Database) -> tuple[Any, int, str, str, str | None]:
+    """The pooled DBAPI connection, and what a new transaction on it finds."""
     with db.engine.connect() as connection:
         row = connection.execute(
             text(
@@ -315,9 +316,10 @@ def connection_state(db: Database) -> tuple[int, str, str, str | None]:
                 "current_setting('app.current_user_id', true)"
             )
         ).one()
+        dbapi_connection = connection.connection.dbapi_connection
         connection.rollback()
     pid, current, login, identity = row
-    return pid, current, login, identity
+    return dbapi_connection, pid, current, login, identity
 
 
 def test_no_identity_leaks_across_requests_on_a_single_pooled_connection(
@@ -326,7 +328,7 @@ def test_no_identity_leaks_across_requests_on_a_single_pooled_connection(
     settings = database.settings(db_pool_size=1, db_max_overflow=0)
     with app_client(settings) as client:
         db: Database = client.app.state.db
-        pid_before, *_ = connection_state(db)
+        connection_before, pid_before, *_ = connection_state(db)
         created: dict[str, set[int]] = {user: set() for user in USERS}
         for user in ("alice", "bob", "alice", "bob"):
             response = client.post(
@@ -341,8 +343,12 @@ def test_no_identity_leaks_across_requests_on_a_single_pooled_connection(
 
         assert db.engine.pool.size() == 1
         assert db.engine.pool.checkedout() == 0
-        pid_after, current, login, identity = connection_state(db)
-    assert pid_after == pid_before  # the one connection served every request
+        connection_after, pid_after, current, login, identity = connection_state(db)
+    assert connection_after is connection_before  # the one connection served every request
+    if not database.pooled:
+        assert pid_after == pid_before  # and so did one server process
+    # Behind a transaction pooler each transaction may run on any of its server connections
+    # (another pid); either way, the next transaction finds nothing of the last user's.
     assert current == login != database.app_role
     assert identity in ("", None)
     assert len(owner_rows(admin)) == 2 * len(USERS)
