@@ -13,7 +13,7 @@ from starlette.types import ASGIApp
 
 from service import embedded
 from service.auth import TokenVerifier, authorize_request
-from service.db import Database, make_engine, run_migrations
+from service.db import ConnectionSlots, Database, make_engine, run_migrations
 from service.errors import (
     READINESS_RESPONSES,
     DatabaseUnavailable,
@@ -78,6 +78,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 raise UnsafePosture(posture)
             log.info("serving tasks from %s as role %s", masked(url), current.app_db_role)
             app.state.db = db
+            app.state.connection_slots = ConnectionSlots(
+                current.db_pool_size + current.db_max_overflow, current.db_pool_timeout_seconds
+            )
             app.state.verifier = TokenVerifier(current)
             yield
 

@@ -5,10 +5,11 @@ transactions by switching to the unprivileged application role and setting
 `app.current_user_id`, both transaction-local, in one statement with bound values.
 """
 
+import asyncio
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import psycopg
 from sqlalchemy import Connection, Engine, create_engine, event, func, select
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import SessionTransaction, sessionmaker
 from sqlmodel import Session
 
@@ -90,6 +92,30 @@ def bind_identity(session: Session, _tx: SessionTransaction, connection: Connect
             func.set_config("app.current_user_id", identity.user_id, True),
         )
     )
+
+
+class ConnectionSlots:
+    """Requests wait here, on the event loop, for a share of the pool before they take a thread.
+
+    Without this, more requests than the thread pool has threads can all block inside the
+    pool's checkout, while the requests that hold connections wait for a free thread to finish
+    their responses: nothing moves until the pool timeout. The wait is bounded the same way.
+    """
+
+    def __init__(self, capacity: int, wait_seconds: float) -> None:
+        self._free = asyncio.Semaphore(capacity)
+        self._wait_seconds = wait_seconds
+
+    @asynccontextmanager
+    async def taken(self) -> AsyncIterator[None]:
+        try:
+            await asyncio.wait_for(self._free.acquire(), self._wait_seconds)
+        except TimeoutError:
+            raise PoolTimeoutError("no pooled connection became free in time") from None
+        try:
+            yield
+        finally:
+            self._free.release()
 
 
 class Database:

@@ -1,7 +1,7 @@
 """The six task routes. Each query filters by the owner too; RLS enforces it underneath."""
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
 from urllib.parse import quote
 
@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Header, Path, Request, Response, status
 from sqlmodel import Session, delete, select, update
 
 from service.auth import OwnerId
+from service.db import ConnectionSlots
 from service.errors import (
     BODY_PROBLEMS,
     NO_SUCH_TASK,
@@ -49,7 +50,19 @@ TaskId = Annotated[
 ]
 
 
-def task_session(request: Request, owner: OwnerId, user_id: UserId) -> Iterator[Session]:
+async def connection_slot(request: Request, owner: OwnerId) -> AsyncIterator[None]:
+    """A share of the pool, awaited without a thread (503 after DB_POOL_TIMEOUT_SECONDS)."""
+    slots: ConnectionSlots = request.app.state.connection_slots
+    async with slots.taken():
+        yield
+
+
+def task_session(
+    request: Request,
+    owner: OwnerId,
+    user_id: UserId,
+    _slot: Annotated[None, Depends(connection_slot)],
+) -> Iterator[Session]:
     # user_id equals owner here (path_owner made sure, with 401 and 403 first). Declaring it
     # after OwnerId is what puts its limits in the OpenAPI document, which keeps the last
     # declaration of a parameter; a path longer than 255 can never get past the 403.

@@ -1,5 +1,6 @@
 """Real concurrent HTTP clients against a running server (uvicorn), and optimistic concurrency."""
 
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -167,3 +168,21 @@ def test_racing_conditional_puts_let_exactly_one_win(base_url, user):
     assert Counter(r.status_code for r in responses) == {200: 1, 412: 9}
     (winner,) = [r for r in responses if r.status_code == 200]
     assert httpx.get(url, headers=bearer(user)).json()["title"] == winner.json()["title"]
+
+
+def test_more_clients_than_threads_and_connections_do_not_stall(database, user):
+    """100 clients, 40 worker threads, 2 connections: requests queue without holding threads."""
+    pool_timeout = 60
+    settings = database.settings(
+        db_pool_size=2, db_max_overflow=0, db_pool_timeout_seconds=pool_timeout
+    )
+    with live_server(settings) as url:
+        create(url, user)
+        started = time.monotonic()
+        responses = in_parallel(
+            [lambda c: c.get(f"{url}/api/{user}/tasks", headers=bearer(user))] * 100
+        )
+        elapsed = time.monotonic() - started
+    assert Counter(r.status_code for r in responses) == {200: 100}
+    # Stalled requests would only move again when the pool timeout ends them.
+    assert elapsed < pool_timeout / 2, f"took {elapsed:.1f} s: requests waited for each other"
