@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import jwt
+import psutil
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
@@ -79,6 +80,11 @@ def docker_available(timeout: float = 2.0) -> bool:
 def make_url_for(url: str) -> URL:
     """A libpq URL (postgresql://) as a SQLAlchemy URL object."""
     return sqlalchemy_url(url).set(drivername="postgresql")
+
+
+def as_role(url: str, role: str) -> str:
+    """The same server and database, logged in as `role` (no password: trust in the tests)."""
+    return make_url_for(url).set(username=role, password=None).render_as_string(False)
 
 
 def libpq_url(url: str, database: str | None = None) -> str:
@@ -390,6 +396,16 @@ def live_server(settings: Settings, *, port: int = 0) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def postgres_processes(data_dir: Path) -> list[psutil.Process]:
+    """PostgreSQL processes serving `data_dir`: none may be left after a clean stop."""
+    found = []
+    for process in psutil.process_iter(["name", "cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if "postgres" in (process.info["name"] or "") and str(data_dir) in cmdline:
+            found.append(process)
+    return found
 
 
 def free_port() -> int:

@@ -1,11 +1,13 @@
 """Every test talks to real PostgreSQL, through the same plugin downstream suites use."""
 
+import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from psycopg import sql
 
 if TYPE_CHECKING:  # imported by pytest as a plugin, so that its asserts are rewritten
     from service.testing import TestDatabase
@@ -60,3 +62,21 @@ def create_task(
         return response.json()
 
     return create
+
+
+@pytest.fixture
+def login_role(database: "TestDatabase") -> Iterator[str]:
+    """A login role that can do nothing but switch to the application role (NOINHERIT)."""
+    name = f"todo_login_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(database.server_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN NOINHERIT").format(sql.Identifier(name)))
+        admin.execute(
+            sql.SQL("GRANT {} TO {}").format(
+                sql.Identifier(database.app_role), sql.Identifier(name)
+            )
+        )
+    try:
+        yield name
+    finally:
+        with psycopg.connect(database.server_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))

@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator
 from itertools import takewhile
 from typing import Any
 
-import psycopg
 import pytest
 from psycopg import sql
 
@@ -17,7 +16,7 @@ from service import cli
 from service.app import read_posture
 from service.db import Database, make_engine
 from service.settings import get_settings, sqlalchemy_url
-from service.testing import TestDatabase, libpq_url
+from service.testing import TestDatabase, as_role
 
 POLICIES = ("task_delete", "task_insert", "task_select", "task_update")
 SAME_USING = "user_id = (SELECT nullif(current_setting('app.current_user_id', true), ''))"
@@ -186,22 +185,10 @@ def test_healthy_json_has_the_same_facts(database, db_audit):
     assert database.app_role not in bypass
 
 
-def test_the_same_audit_through_a_least_privilege_login(database, db_audit):
+def test_the_same_audit_through_a_least_privilege_login(database, db_audit, login_role):
     """Every catalog read works for a login role that can only switch to the app role."""
-    login = f"todo_login_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(database.server_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE ROLE {} LOGIN NOINHERIT").format(sql.Identifier(login)))
-        admin.execute(
-            sql.SQL("GRANT {} TO {}").format(
-                sql.Identifier(database.app_role), sql.Identifier(login)
-            )
-        )
-    try:
-        url = libpq_url(database.url).replace("postgres@", f"{login}@", 1)
-        code, out = db_audit(database, "--json", url=url)
-    finally:
-        with psycopg.connect(database.server_url, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(login)))
+    login = login_role
+    code, out = db_audit(database, "--json", url=as_role(database.url, login))
     assert code == 0, out
     report = json.loads(out)
     assert report["connected_as"] == login

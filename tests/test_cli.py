@@ -3,7 +3,6 @@
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,10 +12,15 @@ from pathlib import Path
 
 import httpx
 import jwt
-import psutil
 import pytest
 
-from service.testing import TEST_SECRET, TestDatabase, migrated_database
+from service.testing import (
+    TEST_SECRET,
+    TestDatabase,
+    free_port,
+    migrated_database,
+    postgres_processes,
+)
 
 CONFIG_VARIABLES = ("DATABASE_URL", "DATABASE_ADMIN_URL", "JWT_SECRET", "BETTER_AUTH_SECRET")
 
@@ -35,21 +39,6 @@ def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         timeout=120,
         check=False,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def postgres_processes(data_dir: Path) -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter(["name", "cmdline"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
-        if "postgres" in (process.info["name"] or "") and str(data_dir) in cmdline:
-            found.append(process)
-    return found
 
 
 def wait_ready(base: str, server: subprocess.Popen[str], seconds: float = 90) -> None:

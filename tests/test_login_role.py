@@ -1,35 +1,9 @@
 """Least privilege end to end: the API logs in as a role that can do nothing by itself."""
 
-import uuid
-from collections.abc import Iterator
-
 import psycopg
 import pytest
-from psycopg import sql
 
-from service.testing import TestDatabase, app_client, bearer, make_url_for
-
-
-def as_role(url: str, role: str) -> str:
-    """The same server and database, logged in as `role` (no password: trust in the tests)."""
-    return make_url_for(url).set(username=role, password=None).render_as_string(False)
-
-
-@pytest.fixture
-def login_role(database: TestDatabase) -> Iterator[str]:
-    name = f"todo_login_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(database.server_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE ROLE {} LOGIN NOINHERIT").format(sql.Identifier(name)))
-        admin.execute(
-            sql.SQL("GRANT {} TO {}").format(
-                sql.Identifier(database.app_role), sql.Identifier(name)
-            )
-        )
-    try:
-        yield name
-    finally:
-        with psycopg.connect(database.server_url, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+from service.testing import app_client, as_role, bearer, make_url_for
 
 
 def test_the_login_role_alone_cannot_read_tasks(database, login_role, admin):

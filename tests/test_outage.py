@@ -25,14 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import psycopg
 import pytest
 
 from service.db import REPO_ROOT, run_migrations
 from service.embedded import get_server
 from service.settings import Settings
-from service.testing import TestDatabase, bearer, live_server
+from service.testing import TestDatabase, bearer, live_server, postgres_processes
 
 FIGURES_FILE = REPO_ROOT / ".data" / "reliability" / "outage.json"
 CONFIG_VARIABLES = ("DATABASE_URL", "DATABASE_ADMIN_URL", "JWT_SECRET", "BETTER_AUTH_SECRET")
@@ -87,15 +86,6 @@ class PrivateCluster:
                 self.running = False
         for process in postgres_processes(self.pgdata):  # only if a stop went wrong
             process.kill()
-
-
-def postgres_processes(data_dir: Path) -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter(["name", "cmdline"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
-        if "postgres" in (process.info["name"] or "") and str(data_dir) in cmdline:
-            found.append(process)
-    return found
 
 
 class Outage:

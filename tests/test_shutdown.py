@@ -21,6 +21,7 @@ import psycopg
 import pytest
 
 from service import embedded
+from service.testing import free_port, postgres_processes
 
 CONFIG_VARIABLES = ("DATABASE_URL", "DATABASE_ADMIN_URL", "JWT_SECRET", "BETTER_AUTH_SECRET")
 # Every session the service opens logs its end (server-side logging only; libpq passes it on).
@@ -30,21 +31,6 @@ LOG_SESSIONS = "-c log_disconnections=on"
 def todo_api_env(**values: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in CONFIG_VARIABLES}
     return env | values
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def postgres_processes(data_dir: Path) -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter(["name", "cmdline"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
-        if "postgres" in (process.info["name"] or "") and str(data_dir) in cmdline:
-            found.append(process)
-    return found
 
 
 @pytest.fixture
