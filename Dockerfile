@@ -8,7 +8,8 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 # Final stage: no build tools, a non-root user, migrations and policies beside the package.
 FROM python:3.11-slim
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+# The package is installed in site-packages; its migrations and policies are in /app.
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 TODO_API_ROOT=/app
 RUN useradd --system --uid 10001 --home-dir /app todo
 WORKDIR /app
 COPY --from=build /wheels /wheels

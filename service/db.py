@@ -11,7 +11,6 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -21,12 +20,12 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import SessionTransaction, sessionmaker
 from sqlmodel import Session
 
-from service.settings import Settings
+from service.settings import PROJECT_ROOT, Settings
 
 log = logging.getLogger(__name__)
 
 IDENTITY_KEY = "identity"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = PROJECT_ROOT
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ from pathlib import Path
 
 from sqlalchemy import Connection, text
 
-POLICIES_DIR = Path(__file__).resolve().parent.parent / "db" / "policies"
+from service.settings import PROJECT_ROOT
+
+POLICIES_DIR = PROJECT_ROOT / "db" / "policies"
 TABLE = "task"
 # TRUNCATE ignores row-level security; TRIGGER and REFERENCES are never needed by requests.
 FORBIDDEN_TABLE_PRIVILEGES = ("TRUNCATE", "TRIGGER", "REFERENCES")

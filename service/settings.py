@@ -1,5 +1,6 @@
 """All configuration, read once from the environment (and an optional .env file)."""
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -7,6 +8,10 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
+
+# Where alembic.ini and db/ (migrations, policies) live: the checkout, or TODO_API_ROOT when the
+# package is installed apart from them, as in the container image.
+PROJECT_ROOT = Path(os.environ.get("TODO_API_ROOT") or Path(__file__).resolve().parent.parent)
 
 ASYMMETRIC_ALGORITHMS = ("EdDSA", "ES256", "RS256")
 MIN_SECRET_BYTES = 32

@@ -3,6 +3,7 @@
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,25 @@ def test_final_image_has_a_healthcheck_on_healthz_and_serves(image):
     assert any(line.startswith("CMD ") and "todo-api" in line and "serve" in line for line in image)
     copied = " ".join(line for line in image if line.startswith("COPY "))
     assert "alembic.ini" in copied and "db" in copied
+    # The installed package finds them there (service.settings.PROJECT_ROOT).
+    workdir = [line.split()[1] for line in image if line.startswith("WORKDIR ")][-1]
+    assert any(line.startswith("ENV ") and f"TODO_API_ROOT={workdir}" in line for line in image)
+
+
+def test_migrations_and_policies_are_found_through_todo_api_root(tmp_path):
+    """As in the image: the package in site-packages, alembic.ini and db/ in TODO_API_ROOT."""
+    app = tmp_path / "app"
+    shutil.copytree(ROOT / "db", app / "db")
+    shutil.copy(ROOT / "alembic.ini", app)
+    code = (
+        "from service.db import REPO_ROOT; from service.posture import policy_files;"
+        "print(REPO_ROOT, *(path.parent.parent.parent for path in policy_files()))"
+    )
+    env = {"PATH": "/usr/bin:/bin", "TODO_API_ROOT": str(app)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.split() == [str(app)] * 5
 
 
 @pytest.fixture(scope="module")
