@@ -177,6 +177,31 @@ def test_moving_own_row_to_another_user_is_refused(conn, database, admin, seeded
     assert owners[theirs] == "bob"
 
 
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "INSERT INTO task (id, title, user_id) OVERRIDING SYSTEM VALUE"
+        " VALUES (999999, 't', 'alice')",
+        "INSERT INTO task (title, user_id, created_at) VALUES ('t', 'alice', '2000-01-01')",
+        "INSERT INTO task (title, user_id, updated_at) VALUES ('t', 'alice', '2000-01-01')",
+        "UPDATE task SET created_at = '2000-01-01' WHERE user_id = 'alice'",
+        "UPDATE task SET updated_at = '2000-01-01' WHERE user_id = 'alice'",
+        "UPDATE task SET id = 999999 WHERE user_id = 'alice'",
+    ],
+)
+def test_server_owned_columns_cannot_be_written_by_the_app_role(
+    conn, database, admin, seeded, statement
+):
+    before = owner_rows(admin)
+    with (
+        acting_as(conn, database.app_role, "alice"),
+        # Column privileges refuse them; id is GENERATED ALWAYS besides.
+        pytest.raises((psycopg.errors.InsufficientPrivilege, psycopg.errors.GeneratedAlways)),
+    ):
+        conn.execute(statement)
+    assert owner_rows(admin) == before
+
+
 def test_update_and_delete_of_another_users_row_affect_no_rows(conn, database, admin, seeded):
     before = owner_rows(admin)
     theirs = seeded["bob"][0]
