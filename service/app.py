@@ -21,7 +21,7 @@ from service.errors import (
     install_error_handlers,
     problem_response,
 )
-from service.observability import Metrics, configure_logging, metrics_endpoint, observe_requests
+from service.observability import Metrics, RequestObserver, configure_logging, metrics_endpoint
 from service.posture import Posture, check_posture
 from service.routes import router
 from service.settings import Settings, get_settings, masked, sqlalchemy_url
@@ -95,7 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.retry_after = base_settings.retry_after_seconds
     install_error_handlers(app, base_settings.retry_after_seconds, authorize_request)
     app.state.metrics = Metrics(app)
-    app.middleware("http")(observe_requests)
+    app.add_middleware(RequestObserver)
     app.include_router(router)
     app.add_api_route("/healthz", healthz, methods=["GET"], tags=["operations"])
     app.add_api_route(

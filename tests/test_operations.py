@@ -4,8 +4,10 @@ import json
 import logging
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy.exc import DataError
 
+from service.app import create_app
 from service.observability import JsonFormatter, TextFormatter
 
 ACCESS_LOGGER = "service.access"
@@ -73,3 +75,22 @@ def test_metrics_count_database_errors_by_kind(client):
         conn.exec_driver_sql("SELECT 1/0")
     body = client.get("/metrics").text
     assert 'todo_db_errors_total{kind="DivisionByZero"} 1.0' in body
+
+
+def test_a_bug_is_a_500_problem_with_no_trace_and_is_logged(database, caplog):
+    app = create_app(database.settings())
+
+    def broken() -> None:
+        raise RuntimeError("internal detail that must not leak")
+
+    app.add_api_route("/broken", broken)
+    with TestClient(app) as client, caplog.at_level(logging.INFO):
+        response = client.get("/broken", headers={"X-Request-ID": "bug-1"})
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["x-request-id"] == "bug-1"
+    assert "internal detail" not in response.text and "Traceback" not in response.text
+    logged = "\n".join(JsonFormatter().format(record) for record in caplog.records)
+    assert "internal detail" not in logged and "Traceback" not in logged
+    (access,) = access_records(caplog)
+    assert access.fields["status"] == 500 and access.fields["request_id"] == "bug-1"
