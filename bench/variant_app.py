@@ -16,10 +16,10 @@ BENCH_VARIANTS (comma-separated) picks them:
 - `driver-sql-identity`: the identity statement sent with `exec_driver_sql` (a fixed SQL
   string, bound values) instead of building `select(func.set_config(...))` anew on every
   transaction, which SQLAlchemy must construct and look up in its compiled cache each time.
-- `no-request-middleware`: the request-log/metrics middleware (`observe_requests`, an
-  `@app.middleware("http")`, i.e. Starlette's BaseHTTPMiddleware) removed. Not shippable
-  (it is the access log, the metrics and the last guard against 500s): an upper bound for
-  rewriting it as a plain ASGI middleware.
+- `no-request-middleware`: the request-log/metrics middleware (`RequestObserver`) removed. Not
+  shippable (it is the access log, the metrics and the last guard against 500s): an upper bound
+  for what it costs. (It was measured when it was still a BaseHTTPMiddleware; it has since been
+  rewritten as plain ASGI.)
 
 This is measurement scaffolding, not a patch to merge as is: see bench/RESULTS.md.
 """
@@ -36,7 +36,7 @@ from sqlmodel import Session
 import service.db
 from service.app import create_app as real_create_app
 from service.db import IDENTITY_KEY, Identity
-from service.observability import observe_requests
+from service.observability import RequestObserver
 
 PIPELINE_KEY = "bench_pipeline"
 IDENTITY_SQL = "SELECT set_config('role', %s, true), set_config('app.current_user_id', %s, true)"
@@ -115,7 +115,5 @@ def create_app() -> FastAPI:
     _patch(variants)
     app = real_create_app()
     if "no-request-middleware" in variants:
-        app.user_middleware = [
-            m for m in app.user_middleware if m.kwargs.get("dispatch") is not observe_requests
-        ]
+        app.user_middleware = [m for m in app.user_middleware if m.cls is not RequestObserver]
     return app
