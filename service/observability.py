@@ -142,8 +142,8 @@ def metrics_endpoint(request: Request) -> Response:
 
 class RequestObserver:
     """One structured line and one metric sample per request (never the token), the request id,
-    and the last guard against 500s. Plain ASGI: Starlette's BaseHTTPMiddleware cost a quarter
-    of the CPU of a request (bench/RESULTS.md)."""
+    and the last guard against 500s. Plain ASGI: Starlette's BaseHTTPMiddleware would wrap
+    every response in a stream and a task group."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
