@@ -13,7 +13,13 @@ from starlette.types import ASGIApp
 
 from service import embedded
 from service.auth import TokenVerifier, authorize_request
-from service.db import ConnectionSlots, Database, make_engine, run_migrations
+from service.db import (
+    Database,
+    IdentityTransactions,
+    make_engine,
+    make_request_engine,
+    run_migrations,
+)
 from service.errors import (
     READINESS_RESPONSES,
     DatabaseUnavailable,
@@ -70,19 +76,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             current.check_auth_config()
             assert current.database_url is not None
             url = sqlalchemy_url(current.database_url)
-            db = Database(make_engine(url, current), current.app_db_role)
+            # Posture checks and readiness need one connection at a time, off the hot path.
+            db = Database(make_engine(url, current, pool_size=1), current.app_db_role)
             stack.callback(db.dispose)
             app.state.metrics.watch(db.engine)
             posture = read_posture(db)
             if not posture.ok:
                 raise UnsafePosture(posture)
+            transactions = IdentityTransactions(
+                make_request_engine(url, current),
+                current.app_db_role,
+                on_error=app.state.metrics.count_db_error,
+            )
             log.info("serving tasks from %s as role %s", masked(url), current.app_db_role)
             app.state.db = db
-            app.state.connection_slots = ConnectionSlots(
-                current.db_pool_size + current.db_max_overflow, current.db_pool_timeout_seconds
-            )
+            app.state.transactions = transactions
             app.state.verifier = TokenVerifier(current)
-            yield
+            try:
+                yield
+            finally:
+                await transactions.dispose()
 
     app = TodoAPI(
         title="todo-api",

@@ -1,67 +1,92 @@
-"""Engine, pool and the per-request session that carries the caller's identity.
+"""Engines, pools and the one transaction every task request runs in.
 
-This is the security-critical module: every ORM session that touches tasks begins each of its
-transactions by switching to the unprivileged application role and setting
-`app.current_user_id`, both transaction-local, in one statement with bound values.
+This is the security-critical module. Every task request runs in one transaction that begins
+by switching to the unprivileged application role and setting `app.current_user_id`, both
+transaction-local, in one statement with bound values (`IDENTITY_SQL`). BEGIN, that statement,
+the request's own statements and COMMIT travel together in one psycopg pipeline: one round
+trip to the database, and nothing of the request can run before the identity is in place.
 """
 
 import asyncio
 import logging
+import select as io_select
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import psycopg
-from sqlalchemy import Connection, Engine, create_engine, event, func, select
+from psycopg.pq import TransactionStatus
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.orm import SessionTransaction, sessionmaker
-from sqlmodel import Session
+from sqlalchemy.exc import InvalidatePoolError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+from sqlalchemy.util import await_
 
 from service.settings import PROJECT_ROOT, Settings
 
 log = logging.getLogger(__name__)
 
-IDENTITY_KEY = "identity"
 REPO_ROOT = PROJECT_ROOT
+IDENTITY_SQL = "SELECT set_config('role', %s, true), set_config('app.current_user_id', %s, true)"
 
 
-@dataclass(frozen=True)
-class Identity:
-    role: str
-    user_id: str
+def connect_args(settings: Settings) -> dict[str, Any]:
+    return {
+        "connect_timeout": settings.db_connect_timeout_seconds,
+        "application_name": "todo-api",
+        # A half-open TCP connection (network partition, suspended compute) must not block a
+        # request forever: keepalives and a user timeout bound it (ignored on Unix sockets).
+        "keepalives": 1,
+        "keepalives_idle": 30,
+        "keepalives_interval": 10,
+        "keepalives_count": 3,
+        "tcp_user_timeout": 30_000,
+        # Behind PgBouncer in transaction mode, server-side prepared statements can land on
+        # another server connection; psycopg only prepares when this is not None.
+        "prepare_threshold": 5 if settings.db_prepared_statements else None,
+    }
 
 
 def make_engine(url: URL, settings: Settings, *, pool_size: int | None = None) -> Engine:
+    """The blocking engine: posture checks, readiness, the CLI. Never serves task requests."""
     engine = create_engine(
         url,
         pool_size=pool_size or settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout_seconds,
-        # A pooled connection may have been cut (database restart, Neon compute suspended).
+        # Off the request path, so a round trip per checkout costs nothing that matters.
         pool_pre_ping=True,
-        connect_args={
-            "connect_timeout": settings.db_connect_timeout_seconds,
-            "application_name": "todo-api",
-            # A half-open TCP connection (network partition, suspended compute) must not block
-            # a pre-ping forever: keepalives and a user timeout bound it (ignored on sockets).
-            "keepalives": 1,
-            "keepalives_idle": 30,
-            "keepalives_interval": 10,
-            "keepalives_count": 3,
-            "tcp_user_timeout": 30_000,
-            # Behind PgBouncer in transaction mode, server-side prepared statements can land on
-            # another server connection; psycopg only prepares when this is not None.
-            "prepare_threshold": 5 if settings.db_prepared_statements else None,
-        },
+        connect_args=connect_args(settings),
     )
-    _retry_connects(engine, attempts=settings.db_connect_attempts)
+    _retry_connects(engine, attempts=settings.db_connect_attempts, sleep=time.sleep)
     return engine
 
 
-def _retry_connects(engine: Engine, *, attempts: int) -> None:
+def make_request_engine(url: URL, settings: Settings) -> AsyncEngine:
+    """The pool task requests take their connections from, on the event loop."""
+    engine = create_async_engine(
+        url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_timeout=settings.db_pool_timeout_seconds,
+        # BEGIN and COMMIT are sent by IdentityTransactions, inside its pipeline: psycopg's own
+        # implicit BEGIN would cost a round trip of its own.
+        isolation_level="AUTOCOMMIT",
+        connect_args=connect_args(settings),
+    )
+    _retry_connects(
+        engine.sync_engine,
+        attempts=settings.db_connect_attempts,
+        sleep=lambda seconds: await_(asyncio.sleep(seconds)),
+    )
+    event.listen(engine.sync_engine, "checkout", discard_if_closed_by_server)
+    return engine
+
+
+def _retry_connects(engine: Engine, *, attempts: int, sleep: Callable[[float], None]) -> None:
     """A waking Neon compute refuses or drops connects for a moment: back off and retry."""
 
     @event.listens_for(engine, "do_connect")
@@ -74,61 +99,93 @@ def _retry_connects(engine: Engine, *, attempts: int) -> None:
             except psycopg.OperationalError:
                 if attempt == attempts:
                     raise
-                delay = min(0.25 * 2 ** (attempt - 1), 2.0)
                 log.warning("database connect failed (attempt %d); retrying", attempt)
-                time.sleep(delay)
+                sleep(min(0.25 * 2 ** (attempt - 1), 2.0))
         raise AssertionError("unreachable")
 
 
-def bind_identity(session: Session, _tx: SessionTransaction, connection: Connection) -> None:
-    """Run first in every transaction a task session begins, including after a commit."""
-    identity = session.info.get(IDENTITY_KEY)
-    if not isinstance(identity, Identity):
-        raise RuntimeError("refusing to begin a task transaction without an identity")
-    connection.execute(
-        select(
-            func.set_config("role", identity.role, True),
-            func.set_config("app.current_user_id", identity.user_id, True),
-        )
-    )
+def discard_if_closed_by_server(
+    _dbapi_connection: Any, _record: ConnectionPoolEntry, proxy: PoolProxiedConnection
+) -> None:
+    """A pre-ping without the round trip.
 
-
-class ConnectionSlots:
-    """Requests wait here, on the event loop, for a share of the pool before they take a thread.
-
-    Without this, more requests than the thread pool has threads can all block inside the
-    pool's checkout, while the requests that hold connections wait for a free thread to finish
-    their responses: nothing moves until the pool timeout. The wait is bounded the same way.
+    An idle connection has nothing to read unless the server has ended it: a restart, an idle
+    timeout or a suspended Neon compute sends a FATAL error and closes the socket. So a
+    readable socket means a dead connection; the pool then replaces it, and every connection
+    older than it, before the request uses one.
     """
+    connection: psycopg.AsyncConnection[Any] = proxy.driver_connection  # type: ignore[assignment]
+    if connection.closed or connection.broken:
+        raise InvalidatePoolError("connection closed")
+    readable, _, _ = io_select.select([connection.fileno()], [], [], 0)
+    if readable:
+        raise InvalidatePoolError("the server closed this pooled connection")
 
-    def __init__(self, capacity: int, wait_seconds: float) -> None:
-        self._free = asyncio.Semaphore(capacity)
-        self._wait_seconds = wait_seconds
+
+class IdentityTransactions:
+    """Transactions that run as the application role, on behalf of one user."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        app_role: str,
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.app_role = app_role
+        self._on_error = on_error
 
     @asynccontextmanager
-    async def taken(self) -> AsyncIterator[None]:
-        try:
-            await asyncio.wait_for(self._free.acquire(), self._wait_seconds)
-        except TimeoutError:
-            raise PoolTimeoutError("no pooled connection became free in time") from None
-        try:
-            yield
-        finally:
-            self._free.release()
+    async def as_user(self, user_id: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """One transaction, as the app role and `user_id`, in pipeline mode.
+
+        Statements executed on the connection are queued behind BEGIN and the identity; they
+        are sent, with COMMIT, when the block ends, and their cursors are read after it. A
+        statement whose result is read inside the block costs one more round trip. An
+        exception inside the block rolls back instead.
+        """
+        async with self.engine.connect() as pooled:
+            raw = await pooled.get_raw_connection()
+            connection: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
+            try:
+                async with connection.pipeline():
+                    await connection.execute("BEGIN")
+                    await connection.execute(IDENTITY_SQL, (self.app_role, user_id))
+                    yield connection
+                    await connection.execute("COMMIT")
+            except BaseException as exc:
+                # Shielded: a cancelled request must still leave its connection clean.
+                with anyio.CancelScope(shield=True):
+                    await self._recover(pooled, connection, exc)
+                raise
+
+    async def _recover(
+        self, pooled: AsyncConnection, connection: psycopg.AsyncConnection[Any], exc: BaseException
+    ) -> None:
+        """Roll back, or drop the connection: nothing of this transaction may reach the next
+        request that takes it from the pool."""
+        if isinstance(exc, psycopg.Error) and self._on_error is not None:
+            self._on_error(exc)
+        # Cancelled mid-pipeline (a client gone, shutdown), the protocol state is unknown.
+        if isinstance(exc, Exception) and not (connection.broken or connection.closed):
+            try:
+                if connection.info.transaction_status != TransactionStatus.IDLE:
+                    await connection.execute("ROLLBACK")
+                return
+            except psycopg.Error:
+                pass
+        await pooled.invalidate()
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
 
 
 class Database:
+    """The blocking side: posture checks and readiness, as the login role."""
+
     def __init__(self, engine: Engine, app_role: str) -> None:
         self.engine = engine
         self.app_role = app_role
-        self._sessions = sessionmaker(engine, class_=Session, expire_on_commit=False)
-        event.listen(self._sessions, "after_begin", bind_identity)
-
-    @contextmanager
-    def session_for(self, user_id: str) -> Iterator[Session]:
-        """A session whose every transaction runs as the app role, as `user_id`."""
-        with self._sessions(info={IDENTITY_KEY: Identity(self.app_role, user_id)}) as session:
-            yield session
 
     def dispose(self) -> None:
         self.engine.dispose()

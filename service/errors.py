@@ -1,12 +1,12 @@
 """Every error is application/problem+json (RFC 9457), with no stack trace, SQL or token."""
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -98,7 +98,7 @@ def allowed_methods(request: Request) -> str:
 
 
 def install_error_handlers(
-    app: FastAPI, retry_after: int, authorize: Callable[[Request], None]
+    app: FastAPI, retry_after: int, authorize: Callable[[Request], Awaitable[None]]
 ) -> None:
     """Answer every error with a problem document, and publish their schemas in /openapi.json.
 
@@ -122,7 +122,7 @@ def install_error_handlers(
     @app.exception_handler(RequestValidationError)
     async def on_invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         try:
-            await run_in_threadpool(authorize, request)
+            await authorize(request)
         except Problem as problem:
             return problem_response(problem.status, problem.detail, headers=problem.headers)
         if _is_not_json(exc):
@@ -133,6 +133,7 @@ def install_error_handlers(
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(PoolTimeoutError)
+    @app.exception_handler(psycopg.OperationalError)
     async def on_database_down(_: Request, exc: Exception) -> JSONResponse:
         log.error("database unavailable: %s", type(exc).__name__)
         problem = DatabaseUnavailable(retry_after)
@@ -140,6 +141,8 @@ def install_error_handlers(
 
     @app.exception_handler(IntegrityError)
     @app.exception_handler(DataError)
+    @app.exception_handler(psycopg.IntegrityError)
+    @app.exception_handler(psycopg.DataError)
     async def on_rejected_by_database(_: Request, exc: Exception) -> JSONResponse:
         log.warning("database refused the data: %s", type(exc).__name__)
         return problem_response(422, "The database refused these values.")

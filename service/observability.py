@@ -85,12 +85,14 @@ class PoolCollector(Collector):
         self.app = app
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        db = getattr(self.app.state, "db", None)
+        transactions = getattr(self.app.state, "transactions", None)
         family = GaugeMetricFamily(
-            "todo_db_pool_connections", "Pooled database connections by state.", labels=["state"]
+            "todo_db_pool_connections",
+            "Pooled database connections that serve task requests, by state.",
+            labels=["state"],
         )
-        if db is not None:
-            pool = db.engine.pool
+        if transactions is not None:
+            pool = transactions.engine.pool
             family.add_metric(["in_use"], pool.checkedout())
             family.add_metric(["idle"], pool.checkedin())
         yield family
@@ -120,7 +122,10 @@ class Metrics:
     def watch(self, engine: Engine) -> None:
         @event.listens_for(engine, "handle_error")
         def count_error(context: ExceptionContext) -> None:
-            self.db_errors.labels(kind=type(context.original_exception).__name__).inc()
+            self.count_db_error(context.original_exception)
+
+    def count_db_error(self, error: BaseException) -> None:
+        self.db_errors.labels(kind=type(error).__name__).inc()
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         labels = (method, route, str(status))

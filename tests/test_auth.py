@@ -113,7 +113,7 @@ def assert_unauthorized(response: Response, *, sent: str | None) -> None:
 @contextmanager
 def checkouts(client: TestClient) -> Iterator[list[object]]:
     """Every connection the app takes from its pool while the block runs."""
-    engine = client.app.state.db.engine  # type: ignore[attr-defined]
+    engine = client.app.state.transactions.engine.sync_engine  # type: ignore[attr-defined]
     taken: list[object] = []
 
     def on_checkout(*args: object) -> None:
@@ -299,6 +299,16 @@ def test_token_for_another_user_is_403_and_reveals_nothing(
     assert taken == []
     assert all(each == bodies[0] for each in bodies)
     assert bodies[0]["status"] == 403
+
+
+def test_a_valid_token_does_take_a_pooled_connection(
+    client: TestClient, auth: Callable[..., dict[str, str]]
+) -> None:
+    """What makes `taken == []` in the tests around it mean something."""
+    with checkouts(client) as taken:
+        response = client.get(PATH, headers=auth("alice"))
+    assert response.status_code == 200, response.text
+    assert len(taken) == 1
 
 
 @pytest.mark.parametrize("method", ["GET", "POST"])

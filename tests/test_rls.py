@@ -5,18 +5,18 @@ Most tests log in as the owner, then switch to the application role for one tran
 on the owner: only the policies stand between one user and another's rows.
 """
 
-from collections.abc import Callable, Iterator
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
 from psycopg import sql
-from sqlalchemy import text
-from sqlmodel import select
+from psycopg.pq import Trace
 
-from service.db import Database, make_engine
-from service.models import Task
+from service.db import IdentityTransactions, make_request_engine
+from service.queries import CREATE, DELETE, GET, LIST, LOCK, update_sql
 from service.settings import sqlalchemy_url
 from service.testing import TestDatabase, app_client
 
@@ -26,6 +26,7 @@ RLS_VIOLATION = 'new row violates row-level security policy for table "task"'
 PERMISSION_DENIED = "permission denied for table task"
 
 Connection = psycopg.Connection[Any]
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -267,84 +268,144 @@ def test_role_and_identity_end_with_the_transaction(conn, database, seeded, end)
         assert visible_ids(conn) == set()
 
 
-# --- the ORM session the routes use ------------------------------------------------------------
+# --- the transaction every task request runs in (service.db.IdentityTransactions) -------------
 
 
-@pytest.fixture
-def orm(database: TestDatabase) -> Iterator[Database]:
-    """service.db.Database on a pool of one connection that cannot overflow."""
-    settings = database.settings(db_max_overflow=0, db_pool_timeout_seconds=1)
-    db = Database(
-        make_engine(sqlalchemy_url(database.url), settings, pool_size=1), database.app_role
+def in_transactions(
+    database: TestDatabase, body: Callable[[IdentityTransactions], Awaitable[T]], **overrides: Any
+) -> T:
+    """Run `body` with the service's request pool: one connection that cannot overflow."""
+    settings = database.settings(
+        db_pool_size=1, db_max_overflow=0, db_pool_timeout_seconds=1, **overrides
     )
-    try:
-        yield db
-    finally:
-        db.dispose()
+    role = overrides.get("app_db_role", database.app_role)
+
+    async def run() -> T:
+        transactions = IdentityTransactions(
+            make_request_engine(sqlalchemy_url(database.url), settings), role
+        )
+        try:
+            return await body(transactions)
+        finally:
+            await transactions.dispose()
+
+    return asyncio.run(run())
 
 
-def session_state(session: Any) -> tuple[str, str]:
-    row = session.connection().execute(
-        text("SELECT current_user, current_setting('app.current_user_id', true)")
-    )
-    current, identity = row.one()
-    return current, identity
-
-
-def test_orm_select_without_where_sees_only_the_sessions_user(orm, database, seeded):
-    with orm.session_for("alice") as session:
-        assert {task.id for task in session.exec(select(Task)).all()} == set(seeded["alice"])
-        assert session_state(session) == (database.app_role, "alice")
-
-
-def test_orm_identity_is_bound_again_after_commit(orm, database, seeded):
-    with orm.session_for("alice") as session:
-        task = Task(title="written", user_id="alice")
-        session.add(task)
-        session.commit()
-        # A new transaction: it must begin as alice too, or the refresh would find no row.
-        session.refresh(task)
-        assert task.user_id == "alice"
-        assert task.created_at is not None
-        assert session_state(session) == (database.app_role, "alice")
-        tasks = session.exec(select(Task)).all()
-        assert {t.user_id for t in tasks} == {"alice"}
-        assert {t.id for t in tasks} == {*seeded["alice"], task.id}
-        session.commit()
-        assert session_state(session) == (database.app_role, "alice")
-
-
-@pytest.mark.parametrize(
-    "info", [{}, {"identity": "alice"}, {"identity": None}], ids=["none", "a-string", "null"]
+STATE = (
+    "SELECT current_user, session_user, current_setting('app.current_user_id', true), "
+    "pg_backend_pid()"
 )
-def test_orm_session_without_an_identity_refuses_to_begin(orm, database, seeded, info):
-    with (
-        orm._sessions(info=info) as session,
-        pytest.raises(RuntimeError, match="without an identity"),
-    ):
-        session.exec(select(Task)).all()
-    # The refused transaction gave its connection back to the pool of one.
-    assert orm.engine.pool.checkedout() == 0
-    with orm.session_for("bob") as session:
-        assert {task.id for task in session.exec(select(Task)).all()} == set(seeded["bob"])
 
 
-# --- a pooled connection carries nothing from one request to the next ------------------------
+async def fetch(conn: psycopg.AsyncConnection[Any], query: str) -> list[tuple[Any, ...]]:
+    cursor = await conn.execute(query)
+    return await cursor.fetchall()
 
 
-def connection_state(db: Database) -> tuple[Any, int, str, str, str | None]:
-    """The pooled DBAPI connection, and what a new transaction on it finds."""
-    with db.engine.connect() as connection:
-        row = connection.execute(
-            text(
-                "SELECT pg_backend_pid(), current_user, session_user, "
-                "current_setting('app.current_user_id', true)"
-            )
-        ).one()
-        dbapi_connection = connection.connection.dbapi_connection
-        connection.rollback()
-    pid, current, login, identity = row
-    return dbapi_connection, pid, current, login, identity
+def test_a_request_transaction_sees_only_its_users_rows_with_no_where(database, seeded):
+    async def body(transactions: IdentityTransactions) -> tuple[Any, ...]:
+        async with transactions.as_user("alice") as conn:
+            rows = await conn.execute("SELECT id FROM task")
+            state = await conn.execute(STATE)
+        return {row[0] for row in await rows.fetchall()}, await state.fetchone()
+
+    ids, state = in_transactions(database, body)
+    assert ids == set(seeded["alice"])
+    current, login, identity, _pid = state
+    assert (current, identity) == (database.app_role, "alice")
+    assert login != database.app_role
+
+
+def test_identity_and_role_end_with_the_request_transaction(database, seeded):
+    """The next transaction on the same pooled connection is the login role with no user."""
+
+    async def body(transactions: IdentityTransactions) -> tuple[Any, Any]:
+        async with transactions.as_user("alice") as conn:
+            during = await conn.execute(STATE)
+        async with transactions.engine.connect() as pooled:  # the pool's only connection
+            raw = await pooled.get_raw_connection()
+            driver: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
+            async with driver.transaction():
+                after = await fetch(driver, STATE)
+        return await during.fetchone(), after[0]
+
+    during, after = in_transactions(database, body)
+    assert during[:3] == (database.app_role, during[1], "alice")
+    current, login, identity, pid = after
+    assert current == login != database.app_role
+    assert identity in ("", None)
+    if not database.pooled:  # behind PgBouncer another server connection may serve it
+        assert pid == during[3]
+
+
+def test_the_identity_comes_before_anything_else_in_the_transaction(database, admin):
+    """If the identity cannot be set, nothing queued behind it runs: no row is written."""
+
+    async def body(transactions: IdentityTransactions) -> None:
+        async with transactions.as_user("alice") as conn:
+            await conn.execute("INSERT INTO task (title, user_id) VALUES ('sneaked', 'alice')")
+
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="does not exist"):
+        in_transactions(database, body, app_db_role="no_such_role_anywhere")
+    assert owner_rows(admin) == []
+
+
+def test_a_failed_request_transaction_rolls_back_and_its_connection_serves_the_next(
+    database, admin
+):
+    async def body(transactions: IdentityTransactions) -> Any:
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            async with transactions.as_user("alice") as conn:
+                await conn.execute("INSERT INTO task (title, user_id) VALUES ('half', 'alice')")
+                await conn.execute("SELECT 1 / 0")
+        with pytest.raises(RuntimeError, match="refused in the block"):
+            async with transactions.as_user("alice") as conn:
+                await conn.execute("INSERT INTO task (title, user_id) VALUES ('late', 'alice')")
+                raise RuntimeError("refused in the block")
+        async with transactions.as_user("bob") as conn:
+            state = await conn.execute(STATE)
+        return await state.fetchone()
+
+    current, _login, identity, _pid = in_transactions(database, body)
+    assert (current, identity) == (database.app_role, "bob")
+    assert owner_rows(admin) == []
+
+
+def test_a_request_transaction_is_one_round_trip(database, tmp_path):
+    """BEGIN, the identity, the statement and COMMIT are sent together, behind one Sync."""
+    trace_path = tmp_path / "libpq.trace"
+
+    async def body(transactions: IdentityTransactions) -> None:
+        async with transactions.as_user("alice") as conn:
+            await conn.execute("SELECT 1")  # opens the pool's only connection first
+        async with transactions.engine.connect() as pooled:
+            raw = await pooled.get_raw_connection()
+            driver: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
+        with trace_path.open("w") as trace:
+            driver.pgconn.trace(trace.fileno())
+            driver.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS)
+            async with transactions.as_user("alice") as conn:
+                cursor = await conn.execute("SELECT id FROM task")
+            driver.pgconn.untrace()
+        assert await cursor.fetchall() == []
+
+    in_transactions(database, body)
+    messages = [line.split("\t") for line in trace_path.read_text().splitlines()]
+    sent = [fields[2] for fields in messages if fields[0] == "F"]
+    received = [fields[2] for fields in messages if fields[0] == "B"]
+    assert sent.count("Sync") == 1 and received.count("ReadyForQuery") == 1, messages
+    parsed = [fields[3] for fields in messages if fields[0] == "F" and fields[2] == "Parse"]
+    statements = [text.split('"')[3] for text in parsed]
+    assert [s.split()[0] for s in statements] == ["BEGIN", "SELECT", "SELECT", "COMMIT"]
+    assert statements[1].startswith("SELECT set_config('role'")
+
+
+def test_every_task_statement_filters_by_the_owner():
+    for name, sql_text in {"list": LIST, "get": GET, "lock": LOCK, "delete": DELETE}.items():
+        assert "task.user_id = %(p_owner)s" in sql_text, name
+    assert "task.user_id = %(p_owner)s" in update_sql(("completed", "description", "title"))
+    assert "user_id" in CREATE and "%(p_owner)s" in CREATE
 
 
 def test_no_identity_leaks_across_requests_on_a_single_pooled_connection(
@@ -352,8 +413,8 @@ def test_no_identity_leaks_across_requests_on_a_single_pooled_connection(
 ):
     settings = database.settings(db_pool_size=1, db_max_overflow=0)
     with app_client(settings) as client:
-        db: Database = client.app.state.db
-        connection_before, pid_before, *_ = connection_state(db)
+        transactions: IdentityTransactions = client.app.state.transactions
+        pids: set[int] = set()
         created: dict[str, set[int]] = {user: set() for user in USERS}
         for user in ("alice", "bob", "alice", "bob"):
             response = client.post(
@@ -365,18 +426,20 @@ def test_no_identity_leaks_across_requests_on_a_single_pooled_connection(
             assert listed.status_code == 200, listed.text
             assert {task["user_id"] for task in listed.json()} == {user}
             assert {task["id"] for task in listed.json()} == created[user]
-
-        assert db.engine.pool.size() == 1
-        assert db.engine.pool.checkedout() == 0
-        connection_after, pid_after, current, login, identity = connection_state(db)
-    assert connection_after is connection_before  # the one connection served every request
+            pids.add(client.portal.call(backend_pid, transactions))
+        assert transactions.engine.pool.size() == 1
+        assert transactions.engine.pool.checkedout() == 0
     if not database.pooled:
-        assert pid_after == pid_before  # and so did one server process
-    # Behind a transaction pooler each transaction may run on any of its server connections
-    # (another pid); either way, the next transaction finds nothing of the last user's.
-    assert current == login != database.app_role
-    assert identity in ("", None)
+        assert len(pids) == 1  # the one pooled connection served every request
     assert len(owner_rows(admin)) == 2 * len(USERS)
+
+
+async def backend_pid(transactions: IdentityTransactions) -> int:
+    async with transactions.as_user("nobody") as conn:
+        cursor = await conn.execute("SELECT pg_backend_pid()")
+    row = await cursor.fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 # --- timestamps --------------------------------------------------------------------------------

@@ -87,7 +87,12 @@ def test_database_down_is_503_then_recovers_without_restart(small_app, fresh_dat
 
 
 def test_exhausted_pool_is_503_after_the_pool_timeout(small_app):
-    engine = small_app.app.state.db.engine
-    with engine.connect():  # holds the only pooled connection
+    engine = small_app.app.state.transactions.engine
+    held = small_app.portal.call(engine.connect().start)  # the only pooled connection
+    try:
+        started = time.monotonic()
         assert_unavailable(small_app.get("/api/alice/tasks", headers=bearer("alice")))
+        assert 0.5 <= time.monotonic() - started < 5  # db_pool_timeout_seconds, then 503
+    finally:
+        small_app.portal.call(held.close)
     assert small_app.get("/api/alice/tasks", headers=bearer("alice")).status_code == 200
