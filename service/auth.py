@@ -1,6 +1,8 @@
 """Bearer-token verification: HS256 shared secret and/or asymmetric keys from a JWKS URL."""
 
 import logging
+import threading
+import time
 from typing import Annotated, Any, TypeGuard
 
 import jwt
@@ -16,6 +18,35 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 MAX_TOKEN_CHARS = 8192
+
+
+class VerifiedTokens:
+    """Tokens whose signature and claims have been checked, each trusted again for a short
+    while and never past the end of its validity. Only successes are kept."""
+
+    def __init__(self, seconds: float, capacity: int = 10_000) -> None:
+        self.seconds = seconds
+        self.capacity = capacity
+        self._users: dict[str, tuple[str, float]] = {}
+        self._writing = threading.Lock()  # JWKS tokens are verified in worker threads
+
+    def user_of(self, token: str) -> str | None:
+        entry = self._users.get(token)
+        if entry is None:
+            return None
+        user, until = entry
+        if time.time() >= until:
+            self._users.pop(token, None)
+            return None
+        return user
+
+    def remember(self, token: str, user: str, *, valid_until: float) -> None:
+        if self.seconds <= 0:
+            return
+        with self._writing:
+            if len(self._users) >= self.capacity:
+                self._users.pop(next(iter(self._users)), None)  # the oldest entry
+            self._users[token] = (user, min(time.time() + self.seconds, valid_until))
 
 
 class TokenVerifier:
@@ -39,10 +70,13 @@ class TokenVerifier:
         self.audience = settings.jwt_audience
         self.leeway = settings.jwt_leeway_seconds
         self.user_claim = settings.jwt_user_claim
+        self.verified = VerifiedTokens(settings.jwt_cache_seconds)
 
     async def verify(self, token: str) -> str:
         """`user_id`, on the event loop for a shared secret; a JWKS lookup may fetch the key
         set over the network, so asymmetric tokens are verified in the thread pool."""
+        if (user := self.verified.user_of(token)) is not None:
+            return user
         if self.jwks is None:
             return self.user_id(token)
         return await run_in_threadpool(self.user_id, token)
@@ -63,6 +97,7 @@ class TokenVerifier:
         user = claims.get(self.user_claim)
         if not _usable_user_id(user):
             raise Unauthorized("The token names no user.", token_sent=True)
+        self.verified.remember(token, user, valid_until=claims["exp"] + self.leeway)
         return user
 
     def _decode(self, token: str) -> dict[str, Any]:

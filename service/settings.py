@@ -38,9 +38,15 @@ class Settings(BaseSettings):
     # An unknown kid refetches the JWKS at most this often, so made-up kids cannot flood the
     # identity provider, while a freshly rotated key is picked up within this time.
     jwks_refresh_cooldown_seconds: float = Field(1, ge=0)
+    # A verified token is trusted again, without its signature being checked, for this long
+    # (never past its exp). 0 turns the cache off. Bounded by the JWKS cache, so a key
+    # withdrawn from the JWKS stops being accepted no later than it did without this cache.
+    jwt_cache_seconds: float = Field(30, ge=0)
 
+    # Per worker process. Overflow connections are closed as soon as they are returned, so
+    # under steady load they are opened and closed again and again (bench/RESULTS.md).
     db_pool_size: int = Field(10, ge=1)
-    db_max_overflow: int = Field(5, ge=0)
+    db_max_overflow: int = Field(0, ge=0)
     db_pool_timeout_seconds: float = Field(5, gt=0)
     db_connect_timeout_seconds: int = Field(5, ge=1)
     db_connect_attempts: int = Field(4, ge=1)

@@ -27,6 +27,7 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from pydantic import SecretStr
 from sqlalchemy import event
 
+from service.auth import VerifiedTokens
 from service.observability import JsonFormatter
 from service.settings import Settings
 from service.testing import TEST_SECRET, TestDatabase, app_client, make_token
@@ -705,3 +706,52 @@ def test_short_better_auth_secret_refuses_to_start(
     monkeypatch.setenv("BETTER_AUTH_SECRET", "too-short")
     with pytest.raises(ValueError, match="32"), app_client(env_settings(database)):
         pass
+
+
+# --- verified tokens, trusted again for a while (JWT_CACHE_SECONDS) -----------------------------
+
+
+def test_a_remembered_token_still_expires_at_its_exp(database: TestDatabase) -> None:
+    with app_client(database.settings(jwt_leeway_seconds=0, jwt_cache_seconds=60)) as client:
+        token = make_token("alice", ttl=2)
+        headers = {"Authorization": f"Bearer {token}"}
+        assert client.get(PATH, headers=headers).status_code == 200  # verified, remembered
+        assert client.get(PATH, headers=headers).status_code == 200  # remembered
+        time.sleep(max(0.0, jwt_exp(token) - time.time()) + 0.1)
+        expired = client.get(PATH, headers=headers)
+    assert expired.status_code == 401
+    assert expired.json()["detail"] == "The token has expired."
+
+
+def test_a_remembered_token_is_trusted_only_as_itself(
+    client: TestClient, auth: Callable[..., dict[str, str]]
+) -> None:
+    token = auth("alice")["Authorization"].removeprefix("Bearer ")
+    assert client.get(PATH, headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    header, payload, signature = token.split(".")
+    forged_payload = base64.urlsafe_b64encode(b'{"sub":"alice","exp":9999999999}').rstrip(b"=")
+    for forged in (
+        f"{header}.{payload}.{signature[:-2]}AA",
+        f"{header}.{forged_payload.decode()}.{signature}",
+        f"{token}.",
+    ):
+        response = client.get(PATH, headers={"Authorization": f"Bearer {forged}"})
+        assert response.status_code == 401, forged
+
+
+def test_remembering_is_bounded_and_can_be_turned_off() -> None:
+    remembered = VerifiedTokens(60, capacity=2)
+    later = time.time() + 600
+    for token in ("a", "b", "c"):
+        remembered.remember(token, f"user-{token}", valid_until=later)
+    assert [remembered.user_of(t) for t in ("a", "b", "c")] == [None, "user-b", "user-c"]
+    remembered.remember("d", "user-d", valid_until=time.time() - 1)
+    assert remembered.user_of("d") is None
+    off = VerifiedTokens(0)
+    off.remember("a", "user-a", valid_until=later)
+    assert off.user_of("a") is None
+
+
+def jwt_exp(token: str) -> float:
+    payload = token.split(".")[1]
+    return float(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"])
