@@ -96,3 +96,24 @@ def test_exhausted_pool_is_503_after_the_pool_timeout(small_app):
     finally:
         small_app.portal.call(held.close)
     assert small_app.get("/api/alice/tasks", headers=bearer("alice")).status_code == 200
+
+
+def test_a_pooled_connection_the_server_ended_while_idle_is_replaced_unseen(
+    fresh_database: TestDatabase,
+):
+    """What pool pre-ping did, without its round trip: the next request finds the socket
+    readable (the server's FATAL message and end of stream) and takes a new connection."""
+    settings = fresh_database.settings(db_pool_size=2, db_max_overflow=0)
+    with app_client(settings) as client:
+        for _ in range(3):
+            assert client.get("/api/alice/tasks", headers=bearer("alice")).status_code == 200
+            with psycopg.connect(fresh_database.server_url, autocommit=True) as admin:
+                ended = admin.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = %s AND application_name = 'todo-api' AND state = 'idle'",
+                    (fresh_database.name,),
+                ).fetchone()
+            assert ended is not None and ended[0] >= 1
+            time.sleep(0.2)  # the server's goodbye reaches the pooled socket
+            created = client.post("/api/alice/tasks", json={"title": "t"}, headers=bearer("alice"))
+            assert created.status_code == 201, created.text
