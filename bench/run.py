@@ -563,8 +563,8 @@ COLUMNS = (
 
 
 def floor_scripts(folder: Path, app_role: str, first_id: int) -> dict[str, Path]:
-    """What the API sends for each route, minus the pool's pre-ping: BEGIN, the identity,
-    the route's statement (as SQLAlchemy renders it), COMMIT."""
+    """What the API sends for each route, in one pipeline as the API sends it: BEGIN, the
+    identity, the route's statement (as SQLAlchemy renders it), COMMIT, then one Sync."""
     uid = "'bench-user-' || :u"
     pick = (
         f"\\set k random(0, {USERS * TASKS_PER_USER - 1})\n"
@@ -604,7 +604,9 @@ def floor_scripts(folder: Path, app_role: str, first_id: int) -> dict[str, Path]
     paths = {}
     for name, statement in statements.items():
         path = folder / f"floor_{name}.sql"
-        path.write_text(f"{pick}BEGIN;\n{identity}{statement}\nCOMMIT;\n")
+        path.write_text(
+            f"{pick}\\startpipeline\nBEGIN;\n{identity}{statement}\nCOMMIT;\n\\endpipeline\n"
+        )
         paths[name] = path
     return paths
 
@@ -715,6 +717,10 @@ def _stop_leftover_embedded(data_dir: Path) -> None:
 # --- the run -------------------------------------------------------------------------------
 
 
+# What the README recommends for a direct connection (not behind PgBouncer < 1.21).
+RECOMMENDED_ENV = {"DB_PREPARED_STATEMENTS": "true"}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10, help="seconds per wrk/pgbench run")
@@ -727,7 +733,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="service setting for every start, e.g. DB_PREPARED_STATEMENTS=true (repeatable)",
+        help="service setting for every start, e.g. DB_POOL_SIZE=5 (repeatable); the default"
+        " is DB_PREPARED_STATEMENTS=true, the recommendation for a direct connection",
     )
     parser.add_argument(
         "--variant",
@@ -766,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers,
         loop=args.loop,
         http=args.http,
-        env=dict(item.split("=", 1) for item in args.env),
+        env=RECOMMENDED_ENV | dict(item.split("=", 1) for item in args.env),
         variants=tuple(args.variant),
     )
     os.environ.pop("TEST_POOLER_URL", None)  # the service talks to PostgreSQL directly
@@ -955,7 +962,8 @@ def print_report(report: dict[str, Any]) -> None:
         )
     add("  RT/req: database round trips per request (ReadyForQuery messages counted on the wire")
     add("  by bench/delay_proxy.py, same workload, 64 connections); floor: pgbench -M prepared,")
-    add("  same transactions (BEGIN; set_config x2; statement; COMMIT), same connection count.")
+    add("  same transactions in one pipeline (BEGIN; set_config x2; statement; COMMIT; one")
+    add("  Sync, as the API sends them), same connection count.")
     add("  CPU ms: user+system CPU of the service's processes per request (robust to a busy box).")
     for name, r in report["wrk"].items():
         if use := r.get("cpu_use"):
