@@ -97,8 +97,22 @@ class TokenVerifier:
         user = claims.get(self.user_claim)
         if not _usable_user_id(user):
             raise Unauthorized("The token names no user.", token_sent=True)
-        self.verified.remember(token, user, valid_until=claims["exp"] + self.leeway)
+        self.verified.remember(token, user, valid_until=self._trusted_until(claims))
         return user
+
+    def _trusted_until(self, claims: dict[str, Any]) -> float:
+        """The token's own end; for a JWKS key, no later than the key set it was checked
+        against is trusted, so that a key withdrawn from the JWKS stops working as soon as
+        it would without remembered tokens."""
+        until = float(claims["exp"]) + self.leeway
+        if self.jwks is None:
+            return until
+        cache = self.jwks.jwk_set_cache
+        fetched = cache.jwk_set_with_timestamp if cache is not None else None
+        if cache is None or fetched is None:
+            return 0.0  # nothing to bound it by: do not remember
+        seconds_left = fetched.get_timestamp() + cache.lifespan - time.monotonic()
+        return min(until, time.time() + seconds_left)
 
     def _decode(self, token: str) -> dict[str, Any]:
         algorithm = jwt.get_unverified_header(token).get("alg")

@@ -38,9 +38,9 @@ class Settings(BaseSettings):
     # An unknown kid refetches the JWKS at most this often, so made-up kids cannot flood the
     # identity provider, while a freshly rotated key is picked up within this time.
     jwks_refresh_cooldown_seconds: float = Field(1, ge=0)
-    # A verified token is trusted again, without its signature being checked, for this long
-    # (never past its exp). 0 turns the cache off. Bounded by the JWKS cache, so a key
-    # withdrawn from the JWKS stops being accepted no later than it did without this cache.
+    # A verified token is trusted again, without its signature being checked, for this long:
+    # never past its exp, nor past the expiry of the JWKS it was checked against (a withdrawn
+    # key stops working exactly as without this cache). 0 turns it off.
     jwt_cache_seconds: float = Field(30, ge=0)
 
     # Per worker process. Overflow connections are closed as soon as they are returned, so
