@@ -562,9 +562,12 @@ COLUMNS = (
 )
 
 
-def floor_scripts(folder: Path, app_role: str, first_id: int) -> dict[str, Path]:
-    """What the API sends for each route, in one pipeline as the API sends it: BEGIN, the
-    identity, the route's statement (as SQLAlchemy renders it), COMMIT, then one Sync."""
+def floor_scripts(
+    folder: Path, app_role: str, first_id: int, *, pipelined: bool
+) -> dict[str, Path]:
+    """What the API sends for each route: BEGIN, the identity, the route's statement (as
+    SQLAlchemy renders it), COMMIT. Pipelined: in one round trip, as the API sends them;
+    otherwise one round trip per statement (the issue's reference floor)."""
     uid = "'bench-user-' || :u"
     pick = (
         f"\\set k random(0, {USERS * TASKS_PER_USER - 1})\n"
@@ -603,10 +606,11 @@ def floor_scripts(folder: Path, app_role: str, first_id: int) -> dict[str, Path]
     }
     paths = {}
     for name, statement in statements.items():
-        path = folder / f"floor_{name}.sql"
-        path.write_text(
-            f"{pick}\\startpipeline\nBEGIN;\n{identity}{statement}\nCOMMIT;\n\\endpipeline\n"
-        )
+        path = folder / f"floor_{name}{'_pipelined' if pipelined else ''}.sql"
+        transaction = f"BEGIN;\n{identity}{statement}\nCOMMIT;\n"
+        if pipelined:
+            transaction = f"\\startpipeline\n{transaction}\\endpipeline\n"
+        path.write_text(pick + transaction)
         paths[name] = path
     return paths
 
@@ -879,13 +883,14 @@ def main(argv: list[str] | None = None) -> int:
             clients = min(args.connections, connection_headroom(args.server_url) - 5)
             if clients < args.connections:
                 log(f"only {clients} connections free on the server: pgbench uses {clients}")
-            floor_files = floor_scripts(workdir, database.app_role, first_id)
-            report["floor"] = {}
-            for workload in (w for w in args.workloads if w in FLOOR_WEIGHTS):
-                log(f"pgbench {workload}: {clients} clients, {args.duration:g} s")
-                report["floor"][workload] = asdict(
-                    run_pgbench(database.url, floor_files, workload, clients, args.duration)
-                )
+            for key, pipelined in (("floor", False), ("pipelined_floor", True)):
+                files = floor_scripts(workdir, database.app_role, first_id, pipelined=pipelined)
+                report[key] = {}
+                for workload in (w for w in args.workloads if w in FLOOR_WEIGHTS):
+                    log(f"pgbench {workload}{' pipelined' if pipelined else ''}: {clients} clients")
+                    report[key][workload] = asdict(
+                        run_pgbench(database.url, files, workload, clients, args.duration)
+                    )
 
         # 4. Start-up on an existing embedded data folder.
         if not args.no_startup:
@@ -942,28 +947,34 @@ def print_report(report: dict[str, Any]) -> None:
     )
     add("")
     floor = report.get("floor", {})
+    pipelined = report.get("pipelined_floor", {})
     counts = report.get("workload_counts", {})
     add(
         f"{'workload':<8} {'conns':>5} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>7}"
-        f" {'errors':>6} {'RT/req':>6} {'CPU ms':>6} {'floor tps':>9} {'API/floor':>9}"
+        f" {'errors':>6} {'RT/req':>6} {'CPU ms':>6} {'floor':>6} {'API/floor':>9}"
+        f" {'floor1':>6} {'API/floor1':>10}"
     )
     for name, r in report["wrk"].items():
         rt = counts.get(name, {}).get("round_trips")
-        tps = floor.get(name, {}).get("tps")
         rt_text = "-" if rt is None else f"{rt:.2f}"
-        tps_text = "-" if not tps else f"{tps:.0f}"
-        ratio = "-" if not tps else f"{r['rps'] / tps:.2f}"
         cpu = r.get("service_cpu_ms_per_request")
         cpu_text = "-" if cpu is None else f"{cpu:.2f}"
+        floors = ""
+        for source, width in ((floor, 9), (pipelined, 10)):
+            tps = source.get(name, {}).get("tps")
+            tps_text = "-" if not tps else f"{tps:.0f}"
+            ratio = "-" if not tps else f"{r['rps'] / tps:.2f}"
+            floors += f" {tps_text:>6} {ratio:>{width}}"
         add(
             f"{name:<8} {r['connections']:>5} {r['rps']:>8.0f} {r['p50_ms']:>7.1f}"
             f" {r['p99_ms']:>7.1f} {r['non2xx']:>7} {r['socket_errors']:>6}"
-            f" {rt_text:>6} {cpu_text:>6} {tps_text:>9} {ratio:>9}"
+            f" {rt_text:>6} {cpu_text:>6}{floors}"
         )
     add("  RT/req: database round trips per request (ReadyForQuery messages counted on the wire")
-    add("  by bench/delay_proxy.py, same workload, 64 connections); floor: pgbench -M prepared,")
-    add("  same transactions in one pipeline (BEGIN; set_config x2; statement; COMMIT; one")
-    add("  Sync, as the API sends them), same connection count.")
+    add("  by bench/delay_proxy.py, same workload, 64 connections). floor: pgbench -M prepared")
+    add("  on the same transactions (BEGIN; set_config x2; statement; COMMIT), one round trip")
+    add("  per statement, same connection count: the issue's reference floor. floor1: the same,")
+    add("  pipelined into one round trip as the API sends them.")
     add("  CPU ms: user+system CPU of the service's processes per request (robust to a busy box).")
     for name, r in report["wrk"].items():
         if use := r.get("cpu_use"):
