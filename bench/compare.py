@@ -10,7 +10,7 @@ being driven does any work meanwhile. Prints, per workload and configuration, th
 rounds for req/s, p50, p99 and the service's CPU ms per request, and req/s relative to the
 first configuration.
 
-A configuration is space-separated tokens: `workers=N`, `loop=asyncio|uvloop`,
+A configuration is space-separated tokens: `workers=N`, `loop=asyncio|uvloop`, `server=granian`,
 `http=h11|httptools`, `variant=NAME` (repeatable, see variant_app.py), and any service setting
 as `UPPER_CASE=value` (e.g. `DB_PREPARED_STATEMENTS=true`).
 """
@@ -44,7 +44,7 @@ def parse_config(spec: str) -> run.ServiceConfig:
         key, _, value = token.partition("=")
         if key == "workers":
             config.workers = int(value)
-        elif key in ("loop", "http"):
+        elif key in ("loop", "http", "server"):
             setattr(config, key, value)
         elif key == "variant":
             variants.append(value)
