@@ -129,7 +129,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
     """The process is alive. No database work."""
     return {"status": "ok"}
 
