@@ -33,7 +33,7 @@ import psycopg
 from fastapi import FastAPI
 
 from service.app import create_app as real_create_app
-from service.db import IDENTITY_SQL, IdentityTransactions
+from service.db import IDENTITY_SQL, IdentityTransactions, Transaction
 from service.observability import RequestObserver
 
 
@@ -44,14 +44,16 @@ def _variants() -> set[str]:
 @asynccontextmanager
 async def _as_user_implicitly(
     self: IdentityTransactions, user_id: str
-) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+) -> AsyncIterator[Transaction]:
     async with self.engine.connect() as pooled:
         raw = await pooled.get_raw_connection()
         connection: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
+        transaction = Transaction(connection)
         try:
             async with connection.pipeline():
                 await connection.execute(IDENTITY_SQL, (self.app_role, user_id))
-                yield connection
+                yield transaction
+            await transaction.collect()
         except BaseException:
             await pooled.invalidate()
             raise

@@ -9,15 +9,18 @@ trip to the database, and nothing of the request can run before the identity is 
 
 import asyncio
 import logging
-import select as io_select
+import select
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import psycopg
+from psycopg.abc import Params
 from psycopg.pq import TransactionStatus
+from psycopg.rows import DictRow, dict_row
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import InvalidatePoolError
@@ -117,9 +120,46 @@ def discard_if_closed_by_server(
     connection: psycopg.AsyncConnection[Any] = proxy.driver_connection  # type: ignore[assignment]
     if connection.closed or connection.broken:
         raise InvalidatePoolError("connection closed")
-    readable, _, _ = io_select.select([connection.fileno()], [], [], 0)
-    if readable:
+    # poll(), not select(): a process with many files open hands out descriptors >= 1024.
+    probe = select.poll()
+    probe.register(connection.fileno(), select.POLLIN)
+    if probe.poll(0):
         raise InvalidatePoolError("the server closed this pooled connection")
+
+
+@dataclass(eq=False)
+class Queued:
+    """A statement sent in a request transaction; `rows` is filled in once it has committed."""
+
+    cursor: psycopg.AsyncCursor[DictRow]
+    rows: list[DictRow] = field(default_factory=list)
+
+
+class Transaction:
+    """A request's transaction, open as the application role and the caller."""
+
+    def __init__(self, connection: psycopg.AsyncConnection[Any]) -> None:
+        self.connection = connection
+        self._queued: list[Queued] = []
+
+    async def queue(self, sql: str, params: Params = ()) -> Queued:
+        """Send behind what is already queued, without waiting for the answer."""
+        cursor = self.connection.cursor(row_factory=dict_row)
+        await cursor.execute(sql, params)
+        queued = Queued(cursor)
+        self._queued.append(queued)
+        return queued
+
+    async def read(self, sql: str, params: Params = ()) -> list[DictRow]:
+        """Send and wait for the rows now (one more round trip; the transaction stays open)."""
+        queued = await self.queue(sql, params)
+        self._queued.remove(queued)
+        return await queued.cursor.fetchall()
+
+    async def collect(self) -> None:
+        for queued in self._queued:
+            if queued.cursor.description is not None:
+                queued.rows = await queued.cursor.fetchall()
 
 
 class IdentityTransactions:
@@ -136,23 +176,24 @@ class IdentityTransactions:
         self._on_error = on_error
 
     @asynccontextmanager
-    async def as_user(self, user_id: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    async def as_user(self, user_id: str) -> AsyncIterator[Transaction]:
         """One transaction, as the app role and `user_id`, in pipeline mode.
 
-        Statements executed on the connection are queued behind BEGIN and the identity; they
-        are sent, with COMMIT, when the block ends, and their cursors are read after it. A
-        statement whose result is read inside the block costs one more round trip. An
-        exception inside the block rolls back instead.
+        Statements queued in the block go out behind BEGIN and the identity, and with COMMIT
+        when the block ends: one round trip. Their rows are read before the connection goes
+        back to the pool. An exception inside the block rolls back instead.
         """
         async with self.engine.connect() as pooled:
             raw = await pooled.get_raw_connection()
             connection: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
+            transaction = Transaction(connection)
             try:
                 async with connection.pipeline():
                     await connection.execute("BEGIN")
                     await connection.execute(IDENTITY_SQL, (self.app_role, user_id))
-                    yield connection
+                    yield transaction
                     await connection.execute("COMMIT")
+                await transaction.collect()
             except BaseException as exc:
                 # Shielded: a cancelled request must still leave its connection clean.
                 with anyio.CancelScope(shield=True):

@@ -9,13 +9,12 @@ per request, two when an If-Match header must be checked against the locked row.
 from functools import cache
 from typing import Any
 
-from psycopg import AsyncConnection, AsyncCursor
-from psycopg.rows import DictRow, dict_row
+from psycopg.rows import DictRow
 from sqlalchemy import Executable, bindparam, insert
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlmodel import delete, select, update
 
-from service.db import IdentityTransactions
+from service.db import IdentityTransactions, Transaction
 from service.errors import Problem
 from service.models import Task, etag
 
@@ -69,22 +68,21 @@ class TaskStore:
         self.owner = owner
 
     async def list(self) -> list[DictRow]:
-        async with self._transactions.as_user(self.owner) as conn:
-            cursor = await _queue(conn, LIST, p_owner=self.owner)
-        return await cursor.fetchall()
+        async with self._transactions.as_user(self.owner) as tx:
+            listed = await tx.queue(LIST, {"p_owner": self.owner})
+        return listed.rows
 
     async def get(self, task_id: int) -> DictRow | None:
-        async with self._transactions.as_user(self.owner) as conn:
-            cursor = await _queue(conn, GET, p_owner=self.owner, p_task_id=task_id)
-        return await cursor.fetchone()
+        async with self._transactions.as_user(self.owner) as tx:
+            got = await tx.queue(GET, self._the_task(task_id))
+        return first(got.rows)
 
     async def create(self, fields: dict[str, Any]) -> DictRow:
         values = {f"p_{name}": fields[name] for name in EDITABLE}
-        async with self._transactions.as_user(self.owner) as conn:
-            cursor = await _queue(conn, CREATE, p_owner=self.owner, **values)
-        created = await cursor.fetchone()
-        assert created is not None  # INSERT … RETURNING returns the row it wrote
-        return created
+        async with self._transactions.as_user(self.owner) as tx:
+            created = await tx.queue(CREATE, {"p_owner": self.owner, **values})
+        (row,) = created.rows  # INSERT … RETURNING returns the row it wrote
+        return row
 
     async def update(
         self, task_id: int, changes: dict[str, Any], if_match: str | None
@@ -92,27 +90,27 @@ class TaskStore:
         """The updated task, or None when the caller has no such task."""
         sql = update_sql(tuple(sorted(changes)))
         values = {f"p_{name}": value for name, value in changes.items()}
-        async with self._transactions.as_user(self.owner) as conn:
-            await self._check_if_match(conn, task_id, if_match)
-            cursor = await _queue(conn, sql, p_owner=self.owner, p_task_id=task_id, **values)
-        return await cursor.fetchone()
+        async with self._transactions.as_user(self.owner) as tx:
+            await self._check_if_match(tx, task_id, if_match)
+            updated = await tx.queue(sql, self._the_task(task_id) | values)
+        return first(updated.rows)
 
     async def delete(self, task_id: int, if_match: str | None) -> bool:
         """Whether the caller had such a task (and now has not)."""
-        async with self._transactions.as_user(self.owner) as conn:
-            await self._check_if_match(conn, task_id, if_match)
-            cursor = await _queue(conn, DELETE, p_owner=self.owner, p_task_id=task_id)
-        return await cursor.fetchone() is not None
+        async with self._transactions.as_user(self.owner) as tx:
+            await self._check_if_match(tx, task_id, if_match)
+            deleted = await tx.queue(DELETE, self._the_task(task_id))
+        return bool(deleted.rows)
 
-    async def _check_if_match(
-        self, conn: AsyncConnection[Any], task_id: int, if_match: str | None
-    ) -> None:
+    def _the_task(self, task_id: int) -> dict[str, Any]:
+        return {"p_owner": self.owner, "p_task_id": task_id}
+
+    async def _check_if_match(self, tx: Transaction, task_id: int, if_match: str | None) -> None:
         """With If-Match, lock the row and compare in this transaction, so that the check and
         the write that follows are atomic; without it, nothing is sent (no lock, no wait)."""
         if if_match is None:
             return
-        locked = await _queue(conn, LOCK, p_owner=self.owner, p_task_id=task_id)
-        current = await locked.fetchone()  # the round trip: the row is locked from here on
+        current = first(await tx.read(LOCK, self._the_task(task_id)))  # locked from here on
         if current is None:
             raise not_found()
         accepted = {candidate.strip() for candidate in if_match.split(",")}
@@ -120,11 +118,9 @@ class TaskStore:
             raise Problem(412, "The task has changed since it was read; read it again.")
 
 
+def first(rows: list[DictRow]) -> DictRow | None:
+    return rows[0] if rows else None
+
+
 def not_found() -> Problem:
     return Problem(404, "No such task.")
-
-
-async def _queue(conn: AsyncConnection[Any], sql: str, **params: Any) -> AsyncCursor[DictRow]:
-    cursor = conn.cursor(row_factory=dict_row)
-    await cursor.execute(sql, params)  # type: ignore[arg-type]  # compiled once, from SQLModel
-    return cursor

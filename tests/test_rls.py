@@ -305,10 +305,10 @@ async def fetch(conn: psycopg.AsyncConnection[Any], query: str) -> list[tuple[An
 
 def test_a_request_transaction_sees_only_its_users_rows_with_no_where(database, seeded):
     async def body(transactions: IdentityTransactions) -> tuple[Any, ...]:
-        async with transactions.as_user("alice") as conn:
-            rows = await conn.execute("SELECT id FROM task")
-            state = await conn.execute(STATE)
-        return {row[0] for row in await rows.fetchall()}, await state.fetchone()
+        async with transactions.as_user("alice") as tx:
+            rows = await tx.queue("SELECT id FROM task")
+            state = await tx.queue(STATE)
+        return {row["id"] for row in rows.rows}, tuple(state.rows[0].values())
 
     ids, state = in_transactions(database, body)
     assert ids == set(seeded["alice"])
@@ -321,14 +321,14 @@ def test_identity_and_role_end_with_the_request_transaction(database, seeded):
     """The next transaction on the same pooled connection is the login role with no user."""
 
     async def body(transactions: IdentityTransactions) -> tuple[Any, Any]:
-        async with transactions.as_user("alice") as conn:
-            during = await conn.execute(STATE)
+        async with transactions.as_user("alice") as tx:
+            during = await tx.queue(STATE)
         async with transactions.engine.connect() as pooled:  # the pool's only connection
             raw = await pooled.get_raw_connection()
             driver: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
             async with driver.transaction():
                 after = await fetch(driver, STATE)
-        return await during.fetchone(), after[0]
+        return tuple(during.rows[0].values()), after[0]
 
     during, after = in_transactions(database, body)
     assert during[:3] == (database.app_role, during[1], "alice")
@@ -343,8 +343,8 @@ def test_the_identity_comes_before_anything_else_in_the_transaction(database, ad
     """If the identity cannot be set, nothing queued behind it runs: no row is written."""
 
     async def body(transactions: IdentityTransactions) -> None:
-        async with transactions.as_user("alice") as conn:
-            await conn.execute("INSERT INTO task (title, user_id) VALUES ('sneaked', 'alice')")
+        async with transactions.as_user("alice") as tx:
+            await tx.queue("INSERT INTO task (title, user_id) VALUES ('sneaked', 'alice')")
 
     with pytest.raises(psycopg.errors.InvalidParameterValue, match="does not exist"):
         in_transactions(database, body, app_db_role="no_such_role_anywhere")
@@ -356,16 +356,16 @@ def test_a_failed_request_transaction_rolls_back_and_its_connection_serves_the_n
 ):
     async def body(transactions: IdentityTransactions) -> Any:
         with pytest.raises(psycopg.errors.DivisionByZero):
-            async with transactions.as_user("alice") as conn:
-                await conn.execute("INSERT INTO task (title, user_id) VALUES ('half', 'alice')")
-                await conn.execute("SELECT 1 / 0")
+            async with transactions.as_user("alice") as tx:
+                await tx.queue("INSERT INTO task (title, user_id) VALUES ('half', 'alice')")
+                await tx.queue("SELECT 1 / 0")
         with pytest.raises(RuntimeError, match="refused in the block"):
-            async with transactions.as_user("alice") as conn:
-                await conn.execute("INSERT INTO task (title, user_id) VALUES ('late', 'alice')")
+            async with transactions.as_user("alice") as tx:
+                await tx.queue("INSERT INTO task (title, user_id) VALUES ('late', 'alice')")
                 raise RuntimeError("refused in the block")
-        async with transactions.as_user("bob") as conn:
-            state = await conn.execute(STATE)
-        return await state.fetchone()
+        async with transactions.as_user("bob") as tx:
+            state = await tx.queue(STATE)
+        return tuple(state.rows[0].values())
 
     current, _login, identity, _pid = in_transactions(database, body)
     assert (current, identity) == (database.app_role, "bob")
@@ -377,18 +377,18 @@ def test_a_request_transaction_is_one_round_trip(database, tmp_path):
     trace_path = tmp_path / "libpq.trace"
 
     async def body(transactions: IdentityTransactions) -> None:
-        async with transactions.as_user("alice") as conn:
-            await conn.execute("SELECT 1")  # opens the pool's only connection first
+        async with transactions.as_user("alice") as tx:
+            await tx.queue("SELECT 1")  # opens the pool's only connection first
         async with transactions.engine.connect() as pooled:
             raw = await pooled.get_raw_connection()
             driver: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
         with trace_path.open("w") as trace:
             driver.pgconn.trace(trace.fileno())
             driver.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS)
-            async with transactions.as_user("alice") as conn:
-                cursor = await conn.execute("SELECT id FROM task")
+            async with transactions.as_user("alice") as tx:
+                listed = await tx.queue("SELECT id FROM task")
             driver.pgconn.untrace()
-        assert await cursor.fetchall() == []
+        assert listed.rows == []
 
     in_transactions(database, body)
     messages = [line.split("\t") for line in trace_path.read_text().splitlines()]
@@ -435,11 +435,9 @@ def test_no_identity_leaks_across_requests_on_a_single_pooled_connection(
 
 
 async def backend_pid(transactions: IdentityTransactions) -> int:
-    async with transactions.as_user("nobody") as conn:
-        cursor = await conn.execute("SELECT pg_backend_pid()")
-    row = await cursor.fetchone()
-    assert row is not None
-    return int(row[0])
+    async with transactions.as_user("nobody") as tx:
+        queued = await tx.queue("SELECT pg_backend_pid() AS pid")
+    return int(queued.rows[0]["pid"])
 
 
 # --- timestamps --------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ a 1 s query_wait_timeout, and recovery is awaited for a few seconds, 503s only m
 """
 
 import dataclasses
+import os
+import resource
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -117,3 +119,25 @@ def test_a_pooled_connection_the_server_ended_while_idle_is_replaced_unseen(
             time.sleep(0.2)  # the server's goodbye reaches the pooled socket
             created = client.post("/api/alice/tasks", json={"title": "t"}, headers=bearer("alice"))
             assert created.status_code == 201, created.text
+
+
+def test_pooled_connections_on_high_file_descriptors_are_checked_too(
+    fresh_database: TestDatabase,
+):
+    """A busy process hands out descriptors above 1024, where select() cannot look."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2048
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+    with ExitStack() as held:
+        held.callback(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        while (fd := os.open(os.devnull, os.O_RDONLY)) < 1100:
+            held.callback(os.close, fd)
+        held.callback(os.close, fd)
+        settings = fresh_database.settings(db_pool_size=1, db_max_overflow=0)
+        with app_client(settings) as client:
+            pool = client.app.state.transactions.engine.pool
+            for _ in range(3):  # the first checkout opens the connection, the others reuse it
+                response = client.get("/api/alice/tasks", headers=bearer("alice"))
+                assert response.status_code == 200, response.text
+            assert pool.size() == 1 and pool.checkedin() == 1
