@@ -3,6 +3,7 @@
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Annotated, Any, TypeGuard
 
 import jwt
@@ -10,6 +11,7 @@ from fastapi import Depends, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
+from jwt.api_jwk import PyJWTSetWithTimestamp
 
 from service.errors import Problem, Unauthorized
 from service.models import USER_ID_MAX, storable_text
@@ -18,35 +20,46 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 MAX_TOKEN_CHARS = 8192
+SHARED_SECRET = object()  # what an HS256 token is checked with (nothing to expire)
 
 
 class VerifiedTokens:
     """Tokens whose signature and claims have been checked, each trusted again for a short
-    while and never past the end of its validity. Only successes are kept."""
+    while: never past the end of its validity and, for a token checked against a JWKS, only
+    while that same fetched key set is current (a refresh that drops its key drops it too).
+    Only successes are kept."""
 
-    def __init__(self, seconds: float, capacity: int = 10_000) -> None:
+    def __init__(
+        self, seconds: float, current_key_set: Callable[[], object | None], capacity: int = 10_000
+    ) -> None:
         self.seconds = seconds
         self.capacity = capacity
-        self._users: dict[str, tuple[str, float]] = {}
+        self._current_key_set = current_key_set
+        self._users: dict[str, tuple[str, float, object | None]] = {}
         self._writing = threading.Lock()  # JWKS tokens are verified in worker threads
 
     def user_of(self, token: str) -> str | None:
         entry = self._users.get(token)
         if entry is None:
             return None
-        user, until = entry
-        if time.time() >= until:
+        user, until, key_set = entry
+        stale_keys = key_set is not None and key_set is not self._current_key_set()
+        if stale_keys or time.time() >= until:
             self._users.pop(token, None)
             return None
         return user
 
-    def remember(self, token: str, user: str, *, valid_until: float) -> None:
+    def remember(
+        self, token: str, user: str, *, valid_until: float, key_set: object | None = None
+    ) -> None:
+        """`key_set`: the fetched JWKS the token was checked against; None for a secret."""
         if self.seconds <= 0:
             return
         with self._writing:
             if len(self._users) >= self.capacity:
                 self._users.pop(next(iter(self._users)), None)  # the oldest entry
-            self._users[token] = (user, min(time.time() + self.seconds, valid_until))
+            until = min(time.time() + self.seconds, valid_until)
+            self._users[token] = (user, until, key_set)
 
 
 class TokenVerifier:
@@ -70,7 +83,7 @@ class TokenVerifier:
         self.audience = settings.jwt_audience
         self.leeway = settings.jwt_leeway_seconds
         self.user_claim = settings.jwt_user_claim
-        self.verified = VerifiedTokens(settings.jwt_cache_seconds)
+        self.verified = VerifiedTokens(settings.jwt_cache_seconds, self._current_key_set)
 
     async def verify(self, token: str) -> str:
         """`user_id`, on the event loop for a shared secret; a JWKS lookup may fetch the key
@@ -86,7 +99,7 @@ class TokenVerifier:
         if len(token) > MAX_TOKEN_CHARS:
             raise Unauthorized("The token is too large.", token_sent=True)
         try:
-            claims = self._decode(token)
+            claims, checked_with = self._decode(token)
         except jwt.PyJWKClientConnectionError:
             log.error("JWKS endpoint unreachable")
             raise Problem(
@@ -97,24 +110,31 @@ class TokenVerifier:
         user = claims.get(self.user_claim)
         if not _usable_user_id(user):
             raise Unauthorized("The token names no user.", token_sent=True)
-        self.verified.remember(token, user, valid_until=self._trusted_until(claims))
+        self._remember(token, user, claims, checked_with)
         return user
 
-    def _trusted_until(self, claims: dict[str, Any]) -> float:
-        """The token's own end; for a JWKS key, no later than the key set it was checked
-        against is trusted, so that a key withdrawn from the JWKS stops working as soon as
-        it would without remembered tokens."""
+    def _remember(
+        self, token: str, user: str, claims: dict[str, Any], checked_with: object
+    ) -> None:
+        """`checked_with`: SHARED_SECRET, or the fetched JWKS that was current when the check
+        began (None if none was); the token is remembered only while that set stays current."""
         until = float(claims["exp"]) + self.leeway
-        if self.jwks is None:
-            return until
-        cache = self.jwks.jwk_set_cache
-        fetched = cache.jwk_set_with_timestamp if cache is not None else None
-        if cache is None or fetched is None:
-            return 0.0  # nothing to bound it by: do not remember
-        seconds_left = fetched.get_timestamp() + cache.lifespan - time.monotonic()
-        return min(until, time.time() + seconds_left)
+        if checked_with is SHARED_SECRET:
+            self.verified.remember(token, user, valid_until=until)
+            return
+        cache = self.jwks.jwk_set_cache if self.jwks is not None else None
+        key_set = self._current_key_set()
+        if cache is None or key_set is None or checked_with is not key_set:
+            return  # fetched or refreshed during this check: check it again next time
+        set_expires = time.time() + key_set.get_timestamp() + cache.lifespan - time.monotonic()
+        self.verified.remember(token, user, valid_until=min(until, set_expires), key_set=key_set)
 
-    def _decode(self, token: str) -> dict[str, Any]:
+    def _current_key_set(self) -> PyJWTSetWithTimestamp | None:
+        cache = self.jwks.jwk_set_cache if self.jwks is not None else None
+        return cache.jwk_set_with_timestamp if cache is not None else None
+
+    def _decode(self, token: str) -> tuple[dict[str, Any], object]:
+        """The claims, and what the signature was checked with (see _remember)."""
         algorithm = jwt.get_unverified_header(token).get("alg")
         if algorithm not in self.algorithms:
             raise jwt.InvalidAlgorithmError("algorithm not accepted")
@@ -123,12 +143,14 @@ class TokenVerifier:
                 raise jwt.InvalidAlgorithmError("algorithm not accepted")
             key: Any = self.secret
             allowed = ["HS256"]
+            checked_with: object = SHARED_SECRET
         else:
             if self.jwks is None:
                 raise jwt.InvalidAlgorithmError("algorithm not accepted")
+            checked_with = self._current_key_set()
             key = self.jwks.get_signing_key_from_jwt(token).key
             allowed = [alg for alg in self.algorithms if alg != "HS256"]
-        return jwt.decode(
+        claims = jwt.decode(
             token,
             key,
             algorithms=allowed,
@@ -137,6 +159,7 @@ class TokenVerifier:
             leeway=self.leeway,
             options={"require": ["exp"], "verify_aud": self.audience is not None},
         )
+        return claims, checked_with
 
 
 def _usable_user_id(user: object) -> TypeGuard[str]:

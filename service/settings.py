@@ -39,8 +39,8 @@ class Settings(BaseSettings):
     # identity provider, while a freshly rotated key is picked up within this time.
     jwks_refresh_cooldown_seconds: float = Field(1, ge=0)
     # A verified token is trusted again, without its signature being checked, for this long:
-    # never past its exp, nor past the expiry of the JWKS it was checked against (a withdrawn
-    # key stops working exactly as without this cache). 0 turns it off.
+    # never past its exp, and only while the fetched JWKS it was checked against is still the
+    # current one (a withdrawn key stops working exactly as without this cache). 0: off.
     jwt_cache_seconds: float = Field(30, ge=0)
 
     # Per worker process. Overflow connections are closed as soon as they are returned, so

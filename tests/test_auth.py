@@ -740,16 +740,40 @@ def test_a_remembered_token_is_trusted_only_as_itself(
 
 
 def test_remembering_is_bounded_and_can_be_turned_off() -> None:
-    remembered = VerifiedTokens(60, capacity=2)
+    remembered = VerifiedTokens(60, lambda: None, capacity=2)
     later = time.time() + 600
     for token in ("a", "b", "c"):
         remembered.remember(token, f"user-{token}", valid_until=later)
     assert [remembered.user_of(t) for t in ("a", "b", "c")] == [None, "user-b", "user-c"]
     remembered.remember("d", "user-d", valid_until=time.time() - 1)
     assert remembered.user_of("d") is None
-    off = VerifiedTokens(0)
+    off = VerifiedTokens(0, lambda: None)
     off.remember("a", "user-a", valid_until=later)
     assert off.user_of("a") is None
+
+
+def test_a_remembered_token_stops_working_when_a_refresh_drops_its_key(
+    database: TestDatabase,
+) -> None:
+    """Rotation: a token with a new kid refetches the JWKS at once; from then on, a remembered
+    token signed with a key the new set lacks is refused, as it would be without the memory."""
+    withdrawn, replacement = signing_key("EdDSA", "withdrawn"), signing_key("EdDSA", "new")
+    with serve_jwks(withdrawn) as server:
+        settings = database.settings(
+            jwt_secret=None,
+            jwt_jwks_url=server.url,
+            jwks_refresh_cooldown_seconds=0,
+            jwt_cache_seconds=300,
+        )
+        with app_client(settings) as client:
+            old = withdrawn.token()
+            for _ in range(3):  # checked once the key set is known, then remembered
+                assert client.get(PATH, headers=with_bearer(old)).status_code == 200
+            server.keys[:] = [replacement.jwk]
+            new = replacement.token()
+            assert client.get(PATH, headers=with_bearer(new)).status_code == 200
+            assert_unauthorized(client.get(PATH, headers=with_bearer(old)), sent=old)
+            assert client.get(PATH, headers=with_bearer(new)).status_code == 200
 
 
 def jwt_exp(token: str) -> float:
