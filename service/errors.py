@@ -42,6 +42,15 @@ class Unauthorized(Problem):
         super().__init__(401, detail, headers={"WWW-Authenticate": challenge})
 
 
+# OperationalErrors from a database that answered: a timeout, a lock that could not be taken,
+# a serialization failure or deadlock. Still 503 with Retry-After, but not "cannot be reached".
+DATABASE_BUSY = (
+    psycopg.errors.QueryCanceled,
+    psycopg.errors.LockNotAvailable,
+    psycopg.errors.TransactionRollback,
+)
+
+
 class DatabaseUnavailable(Problem):
     def __init__(self, retry_after: int) -> None:
         super().__init__(
@@ -135,8 +144,12 @@ def install_error_handlers(
     @app.exception_handler(PoolTimeoutError)
     @app.exception_handler(psycopg.OperationalError)
     async def on_database_down(_: Request, exc: Exception) -> JSONResponse:
-        log.error("database unavailable: %s", type(exc).__name__)
         problem = DatabaseUnavailable(retry_after)
+        if isinstance(exc, DATABASE_BUSY):
+            log.warning("database busy: %s", type(exc).__name__)
+            detail = "The database could not finish this request in time; try again shortly."
+            return problem_response(503, detail, headers=problem.headers)
+        log.error("database unavailable: %s", type(exc).__name__)
         return problem_response(problem.status, problem.detail, headers=problem.headers)
 
     @app.exception_handler(IntegrityError)

@@ -141,3 +141,30 @@ def test_pooled_connections_on_high_file_descriptors_are_checked_too(
                 response = client.get("/api/alice/tasks", headers=bearer("alice"))
                 assert response.status_code == 200, response.text
             assert pool.size() == 1 and pool.checkedin() == 1
+
+
+def test_a_lock_wait_cut_short_by_the_database_is_503_busy_and_changes_nothing(
+    fresh_database: TestDatabase,
+):
+    """The database answered, but could not take the row lock within its lock_timeout."""
+    with psycopg.connect(fresh_database.server_url, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("ALTER DATABASE {} SET lock_timeout = '200ms'").format(
+                sql.Identifier(fresh_database.name)
+            )
+        )
+    with app_client(fresh_database.settings()) as client:
+        created = client.post("/api/alice/tasks", json={"title": "t"}, headers=bearer("alice"))
+        task_id = created.json()["id"]
+        with fresh_database.connect() as holder:  # a DBA's open transaction holds the row
+            holder.execute("SELECT 1 FROM task WHERE id = %s FOR UPDATE", (task_id,))
+            response = client.put(
+                f"/api/alice/tasks/{task_id}", json={"title": "u"}, headers=bearer("alice")
+            )
+            holder.rollback()
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"] == "5"
+        assert response.json()["detail"].startswith("The database could not finish")
+        assert "lock" not in response.text.lower()
+        after = client.get(f"/api/alice/tasks/{task_id}", headers=bearer("alice"))
+        assert after.json()["title"] == "t"
