@@ -588,7 +588,8 @@ def floor_scripts(
     )
     identity = (
         f"SELECT set_config('role', '{app_role}', true), "
-        f"set_config('app.current_user_id', {uid}, true);\n"
+        f"set_config('app.current_user_id', {uid}, true), "
+        "set_config('statement_timeout', '10s', true);\n"
     )
     statements = {
         "get": f"SELECT {COLUMNS} FROM task WHERE task.id = :id AND task.user_id = {uid};",
@@ -984,7 +985,7 @@ def print_report(report: dict[str, Any]) -> None:
         )
     add("  RT/req: database round trips per request (ReadyForQuery messages counted on the wire")
     add("  by bench/delay_proxy.py, same workload, 64 connections). floor: pgbench -M prepared")
-    add("  on the same transactions (BEGIN; set_config x2; statement; COMMIT), one round trip")
+    add("  on the same transactions (BEGIN; set_config x3; statement; COMMIT), one round trip")
     add("  per statement, same connection count: the issue's reference floor. floor1: the same,")
     add("  pipelined into one round trip as the API sends them.")
     add("  CPU ms: user+system CPU of the service's processes per request (robust to a busy box).")

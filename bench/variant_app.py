@@ -51,7 +51,7 @@ async def _as_user_implicitly(
         transaction = Transaction(connection)
         try:
             async with connection.pipeline():
-                await connection.execute(IDENTITY_SQL, (self.app_role, user_id))
+                await connection.execute(IDENTITY_SQL, (self.app_role, user_id, "10s"))
                 yield transaction
             await transaction.collect()
         except BaseException:

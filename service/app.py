@@ -86,8 +86,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             current.check_auth_config()
             assert current.database_url is not None
             url = sqlalchemy_url(current.database_url)
-            # Posture checks and readiness need one connection at a time, off the hot path.
-            db = Database(make_engine(url, current, pool_size=1), current.app_db_role)
+            # Posture checks and readiness, off the hot path: two, so probes do not queue.
+            db = Database(make_engine(url, current, pool_size=2), current.app_db_role)
             stack.callback(db.dispose)
             app.state.metrics.watch(db.engine)
             posture = read_posture(db)
@@ -97,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 make_request_engine(url, current),
                 current.app_db_role,
                 on_error=app.state.metrics.count_db_error,
+                statement_timeout_seconds=current.db_statement_timeout_seconds,
             )
             log.info("serving tasks from %s as role %s", masked(url), current.app_db_role)
             app.state.db = db

@@ -2,7 +2,8 @@
 
 This is the security-critical module. Every task request runs in one transaction that begins
 by switching to the unprivileged application role and setting `app.current_user_id`, both
-transaction-local, in one statement with bound values (`IDENTITY_SQL`). BEGIN, that statement,
+transaction-local, in one statement with bound values (`IDENTITY_SQL`, which also bounds the
+transaction's statements with DB_STATEMENT_TIMEOUT_SECONDS). BEGIN, that statement,
 the request's own statements and COMMIT travel together in one psycopg pipeline: one round
 trip to the database, and nothing of the request can run before the identity is in place.
 """
@@ -33,7 +34,10 @@ from service.settings import PROJECT_ROOT, Settings
 log = logging.getLogger(__name__)
 
 REPO_ROOT = PROJECT_ROOT
-IDENTITY_SQL = "SELECT set_config('role', %s, true), set_config('app.current_user_id', %s, true)"
+IDENTITY_SQL = (
+    "SELECT set_config('role', %s, true), set_config('app.current_user_id', %s, true),"
+    " set_config('statement_timeout', %s, true)"
+)
 
 
 def connect_args(settings: Settings) -> dict[str, Any]:
@@ -170,10 +174,13 @@ class IdentityTransactions:
         engine: AsyncEngine,
         app_role: str,
         on_error: Callable[[BaseException], None] | None = None,
+        statement_timeout_seconds: float = 0,
     ) -> None:
         self.engine = engine
         self.app_role = app_role
         self._on_error = on_error
+        # No request waits forever on a row lock (or a slow plan) holding a pooled connection.
+        self._statement_timeout = f"{round(statement_timeout_seconds * 1000)}ms"
 
     @asynccontextmanager
     async def as_user(self, user_id: str) -> AsyncIterator[Transaction]:
@@ -190,7 +197,8 @@ class IdentityTransactions:
             try:
                 async with connection.pipeline():
                     await connection.execute("BEGIN")
-                    await connection.execute(IDENTITY_SQL, (self.app_role, user_id))
+                    identity = (self.app_role, user_id, self._statement_timeout)
+                    await connection.execute(IDENTITY_SQL, identity)
                     yield transaction
                     await connection.execute("COMMIT")
                 await transaction.collect()

@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     db_connect_timeout_seconds: int = Field(5, ge=1)
     db_connect_attempts: int = Field(4, ge=1)
     db_prepared_statements: bool = False
+    # Each statement of a request's transaction (a row-lock wait too); 0 turns the bound off.
+    db_statement_timeout_seconds: float = Field(10, ge=0)
     retry_after_seconds: int = Field(5, ge=1)
     # On SIGTERM, requests in flight get this long to finish before they are cancelled; a
     # client that stalls forever cannot keep the process (and its database) alive.

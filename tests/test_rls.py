@@ -282,7 +282,9 @@ def in_transactions(
 
     async def run() -> T:
         transactions = IdentityTransactions(
-            make_request_engine(sqlalchemy_url(database.url), settings), role
+            make_request_engine(sqlalchemy_url(database.url), settings),
+            role,
+            statement_timeout_seconds=settings.db_statement_timeout_seconds,
         )
         try:
             return await body(transactions)
@@ -294,7 +296,7 @@ def in_transactions(
 
 STATE = (
     "SELECT current_user, session_user, current_setting('app.current_user_id', true), "
-    "pg_backend_pid()"
+    "pg_backend_pid(), current_setting('statement_timeout') AS statement_timeout"
 )
 
 
@@ -312,7 +314,7 @@ def test_a_request_transaction_sees_only_its_users_rows_with_no_where(database, 
 
     ids, state = in_transactions(database, body)
     assert ids == set(seeded["alice"])
-    current, login, identity, _pid = state
+    current, login, identity, _pid, _timeout = state
     assert (current, identity) == (database.app_role, "alice")
     assert login != database.app_role
 
@@ -330,11 +332,13 @@ def test_identity_and_role_end_with_the_request_transaction(database, seeded):
                 after = await fetch(driver, STATE)
         return tuple(during.rows[0].values()), after[0]
 
-    during, after = in_transactions(database, body)
+    during, after = in_transactions(database, body, db_statement_timeout_seconds=1.5)
     assert during[:3] == (database.app_role, during[1], "alice")
-    current, login, identity, pid = after
+    assert during[4] == "1500ms"
+    current, login, identity, pid, statement_timeout = after
     assert current == login != database.app_role
     assert identity in ("", None)
+    assert statement_timeout == "0"
     if not database.pooled:  # behind PgBouncer another server connection may serve it
         assert pid == during[3]
 
@@ -367,7 +371,7 @@ def test_a_failed_request_transaction_rolls_back_and_its_connection_serves_the_n
             state = await tx.queue(STATE)
         return tuple(state.rows[0].values())
 
-    current, _login, identity, _pid = in_transactions(database, body)
+    current, _login, identity, _pid, _timeout = in_transactions(database, body)
     assert (current, identity) == (database.app_role, "bob")
     assert owner_rows(admin) == []
 

@@ -168,3 +168,28 @@ def test_a_lock_wait_cut_short_by_the_database_is_503_busy_and_changes_nothing(
         assert "lock" not in response.text.lower()
         after = client.get(f"/api/alice/tasks/{task_id}", headers=bearer("alice"))
         assert after.json()["title"] == "t"
+
+
+def test_a_request_waiting_on_a_row_lock_gives_up_after_the_statement_timeout(
+    fresh_database: TestDatabase,
+):
+    """DB_STATEMENT_TIMEOUT_SECONDS: a DBA's forgotten transaction cannot hold requests (and
+    their pooled connections) forever."""
+    settings = fresh_database.settings(db_statement_timeout_seconds=0.5)
+    with app_client(settings) as client:
+        created = client.post("/api/alice/tasks", json={"title": "t"}, headers=bearer("alice"))
+        task_id = created.json()["id"]
+        with fresh_database.connect() as holder:
+            holder.execute("SELECT 1 FROM task WHERE id = %s FOR UPDATE", (task_id,))
+            started = time.monotonic()
+            response = client.patch(f"/api/alice/tasks/{task_id}/complete", headers=bearer("alice"))
+            waited = time.monotonic() - started
+            holder.rollback()
+        assert response.status_code == 503, response.text
+        assert response.json()["detail"].startswith("The database could not finish")
+        assert 0.5 <= waited < 3
+        after = client.get(f"/api/alice/tasks/{task_id}", headers=bearer("alice"))
+        assert after.json()["completed"] is False
+        # The bound is per transaction: the next request on the same pool is served.
+        done = client.patch(f"/api/alice/tasks/{task_id}/complete", headers=bearer("alice"))
+        assert done.status_code == 200 and done.json()["completed"] is True
