@@ -18,6 +18,11 @@ BENCH_VARIANTS (comma-separated) picks them:
 - `gc-threshold`: the collector's first threshold raised from 700 to 20,000 allocations, so
   that young-generation collections run about 30 times less often.
 
+- `raw-read-routes`: the two read routes (get one, list) served by plain Starlette routes placed
+  before FastAPI's, doing the same work (token, path check, TaskStore, the same JSON and ETag)
+  without FastAPI's dependency injection and parameter validation: an upper bound for what
+  those cost. Not shippable: no OpenAPI, no problem documents for bad input.
+
 Settings need no variant: `--env JWT_CACHE_SECONDS=0`, `--env DB_PREPARED_STATEMENTS=false`,
 `--env DB_MAX_OVERFLOW=5` and so on. This is measurement scaffolding, not a patch to merge as
 is: see bench/RESULTS.md.
@@ -30,11 +35,24 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
+from starlette.routing import Route
 
 from service.app import create_app as real_create_app
 from service.db import IDENTITY_SQL, IdentityTransactions, Transaction
+from service.errors import Problem
+from service.models import public_list_json
 from service.observability import RequestObserver
+from service.queries import TaskStore
+from service.routes import task_response
+
+KNOWN = {
+    "implicit-transaction",
+    "no-request-middleware",
+    "gc-off",
+    "gc-threshold",
+    "raw-read-routes",
+}
 
 
 def _variants() -> set[str]:
@@ -59,9 +77,35 @@ async def _as_user_implicitly(
             raise
 
 
+async def _raw_store(request: Request) -> TaskStore | Response:
+    token = request.headers.get("authorization", "").removeprefix("Bearer ")
+    try:
+        user = await request.app.state.verifier.verify(token)
+    except Problem as problem:
+        return Response(status_code=problem.status)
+    if user != request.path_params["user_id"]:
+        return Response(status_code=403)
+    return TaskStore(request.app.state.transactions, user)
+
+
+async def _raw_read(request: Request) -> Response:
+    store = await _raw_store(request)
+    if isinstance(store, Response):
+        return store
+    row = await store.get(request.path_params["task_id"])
+    return Response(status_code=404) if row is None else task_response(row)
+
+
+async def _raw_list(request: Request) -> Response:
+    store = await _raw_store(request)
+    if isinstance(store, Response):
+        return store
+    return Response(public_list_json(await store.list()), media_type="application/json")
+
+
 def create_app() -> FastAPI:
     variants = _variants()
-    unknown = variants - {"implicit-transaction", "no-request-middleware", "gc-off", "gc-threshold"}
+    unknown = variants - KNOWN
     if unknown:
         raise ValueError(f"unknown BENCH_VARIANTS: {sorted(unknown)}")
     if "implicit-transaction" in variants:
@@ -71,6 +115,11 @@ def create_app() -> FastAPI:
     if "gc-threshold" in variants:
         gc.set_threshold(20_000, *gc.get_threshold()[1:])
     app = real_create_app()
+    if "raw-read-routes" in variants:
+        app.router.routes[:0] = [
+            Route("/api/{user_id}/tasks/{task_id:int}", _raw_read, methods=["GET"]),
+            Route("/api/{user_id}/tasks", _raw_list, methods=["GET"]),
+        ]
     if "no-request-middleware" in variants:
         app.user_middleware = [m for m in app.user_middleware if m.cls is not RequestObserver]
     return app
