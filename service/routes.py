@@ -6,7 +6,7 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Header, Path, Request, Response, status
 
-from service.auth import OwnerId
+from service.auth import BearerToken, UserId, path_owner
 from service.errors import BODY_PROBLEMS, NO_SUCH_TASK, PRECONDITION_FAILED, TASK_PROBLEMS
 from service.models import (
     TASK_EXAMPLE,
@@ -34,7 +34,10 @@ TaskId = Annotated[
 ]
 
 
-async def task_store(request: Request, owner: OwnerId) -> TaskStore:
+async def task_store(request: Request, user_id: UserId, token: BearerToken) -> TaskStore:
+    """The caller's tasks, once the token is valid (401) and names the path's user (403).
+    One dependency rather than a chain of them: each level costs every request."""
+    owner = await path_owner(request, user_id, token)
     return TaskStore(request.app.state.transactions, owner)
 
 
