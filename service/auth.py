@@ -122,11 +122,11 @@ class TokenVerifier:
         if checked_with is SHARED_SECRET:
             self.verified.remember(token, user, valid_until=until)
             return
-        cache = self.jwks.jwk_set_cache if self.jwks is not None else None
         key_set = self._current_key_set()
-        if cache is None or key_set is None or checked_with is not key_set:
+        if key_set is None or checked_with is not key_set or self.jwks is None:
             return  # fetched or refreshed during this check: check it again next time
-        set_expires = time.time() + key_set.get_timestamp() + cache.lifespan - time.monotonic()
+        lifespan = self.jwks.jwk_set_cache.lifespan  # type: ignore[union-attr]  # has a set
+        set_expires = time.time() + key_set.get_timestamp() + lifespan - time.monotonic()
         self.verified.remember(token, user, valid_until=min(until, set_expires), key_set=key_set)
 
     def _current_key_set(self) -> PyJWTSetWithTimestamp | None:
