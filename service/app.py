@@ -18,7 +18,6 @@ from service.db import (
     Database,
     IdentityTransactions,
     make_engine,
-    make_request_engine,
     run_migrations,
 )
 from service.errors import (
@@ -93,11 +92,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             posture = read_posture(db)
             if not posture.ok:
                 raise UnsafePosture(posture)
-            transactions = IdentityTransactions(
-                make_request_engine(url, current),
-                current.app_db_role,
-                on_error=app.state.metrics.count_db_error,
-                statement_timeout_seconds=current.db_statement_timeout_seconds,
+            transactions = IdentityTransactions.from_settings(
+                url, current, current.app_db_role, on_error=app.state.metrics.count_db_error
             )
             log.info("serving tasks from %s as role %s", masked(url), current.app_db_role)
             app.state.db = db

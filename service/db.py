@@ -25,9 +25,10 @@ from psycopg.rows import DictRow, dict_row
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import InvalidatePoolError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
-from sqlalchemy.util import await_
+from sqlalchemy.util import await_, greenlet_spawn
 
 from service.settings import PROJECT_ROOT, Settings
 
@@ -82,6 +83,9 @@ def make_request_engine(url: URL, settings: Settings) -> AsyncEngine:
         # BEGIN and COMMIT are sent by IdentityTransactions, inside its pipeline: psycopg's own
         # implicit BEGIN would cost a round trip of its own.
         isolation_level="AUTOCOMMIT",
+        # IdentityTransactions ends every transaction itself (COMMIT, ROLLBACK, or the
+        # connection dropped), so the pool's own rollback on return would only repeat it.
+        pool_reset_on_return=None,
         connect_args=connect_args(settings),
     )
     _retry_connects(
@@ -173,6 +177,9 @@ class IdentityTransactions:
         self,
         engine: AsyncEngine,
         app_role: str,
+        *,
+        connections: int,
+        wait_seconds: float,
         on_error: Callable[[BaseException], None] | None = None,
         statement_timeout_seconds: float = 0,
     ) -> None:
@@ -181,6 +188,25 @@ class IdentityTransactions:
         self._on_error = on_error
         # No request waits forever on a row lock (or a slow plan) holding a pooled connection.
         self._statement_timeout = f"{round(statement_timeout_seconds * 1000)}ms"
+        self._gate = asyncio.Semaphore(connections)
+        self._wait_seconds = wait_seconds
+
+    @classmethod
+    def from_settings(
+        cls,
+        url: URL,
+        settings: Settings,
+        app_role: str,
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> "IdentityTransactions":
+        return cls(
+            make_request_engine(url, settings),
+            app_role,
+            connections=settings.db_pool_size + settings.db_max_overflow,
+            wait_seconds=settings.db_pool_timeout_seconds,
+            on_error=on_error,
+            statement_timeout_seconds=settings.db_statement_timeout_seconds,
+        )
 
     @asynccontextmanager
     async def as_user(self, user_id: str) -> AsyncIterator[Transaction]:
@@ -190,9 +216,8 @@ class IdentityTransactions:
         when the block ends: one round trip. Their rows are read before the connection goes
         back to the pool. An exception inside the block rolls back instead.
         """
-        async with self.engine.connect() as pooled:
-            raw = await pooled.get_raw_connection()
-            connection: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
+        async with self._pooled_connection() as pooled:
+            connection: psycopg.AsyncConnection[Any] = pooled.driver_connection  # type: ignore[assignment]
             transaction = Transaction(connection)
             try:
                 async with connection.pipeline():
@@ -208,8 +233,46 @@ class IdentityTransactions:
                     await self._recover(pooled, connection, exc)
                 raise
 
+    @asynccontextmanager
+    async def _pooled_connection(self) -> AsyncIterator[PoolProxiedConnection]:
+        """A connection from the pool, taken in the order requests asked for one.
+
+        SQLAlchemy's async pool gives a returned connection to whichever request asks next,
+        not to the one that has waited longest, so under load some requests starve (p99
+        doubled at 64 connections, bench/RESULTS.md). The gate (asyncio's semaphore is
+        first come, first served) admits as many requests as the pool has connections: the
+        pool itself then never makes anyone wait.
+        """
+        await self._admit()
+        try:
+            # The raw DBAPI connection: SQLAlchemy's Connection wrapper would cost CPU on
+            # every request for nothing this module uses.
+            pooled = await self.engine.raw_connection()
+            try:
+                yield pooled
+            finally:
+                # Returning it may close it (an overflow connection), which needs greenlet_spawn.
+                await greenlet_spawn(pooled.close)
+        finally:
+            self._gate.release()
+
+    async def _admit(self) -> None:
+        if not self._gate.locked():
+            await self._gate.acquire()  # returns at once, without a timer
+            return
+        try:
+            async with asyncio.timeout(self._wait_seconds):
+                await self._gate.acquire()
+        except TimeoutError:
+            raise PoolTimeoutError(
+                f"no database connection was free within {self._wait_seconds:g} s"
+            ) from None
+
     async def _recover(
-        self, pooled: AsyncConnection, connection: psycopg.AsyncConnection[Any], exc: BaseException
+        self,
+        pooled: PoolProxiedConnection,
+        connection: psycopg.AsyncConnection[Any],
+        exc: BaseException,
     ) -> None:
         """Roll back, or drop the connection: nothing of this transaction may reach the next
         request that takes it from the pool."""
@@ -223,7 +286,7 @@ class IdentityTransactions:
                 return
             except psycopg.Error:
                 pass
-        await pooled.invalidate()
+        await greenlet_spawn(pooled.invalidate)
 
     async def dispose(self) -> None:
         await self.engine.dispose()

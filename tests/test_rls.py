@@ -14,8 +14,9 @@ import psycopg
 import pytest
 from psycopg import sql
 from psycopg.pq import Trace
+from sqlalchemy import event
 
-from service.db import IdentityTransactions, make_request_engine
+from service.db import IdentityTransactions
 from service.queries import CREATE, DELETE, GET, LIST, LOCK, update_sql
 from service.settings import sqlalchemy_url
 from service.testing import TestDatabase, app_client
@@ -281,10 +282,8 @@ def in_transactions(
     role = overrides.get("app_db_role", database.app_role)
 
     async def run() -> T:
-        transactions = IdentityTransactions(
-            make_request_engine(sqlalchemy_url(database.url), settings),
-            role,
-            statement_timeout_seconds=settings.db_statement_timeout_seconds,
+        transactions = IdentityTransactions.from_settings(
+            sqlalchemy_url(database.url), settings, role
         )
         try:
             return await body(transactions)
@@ -410,6 +409,41 @@ def test_every_task_statement_filters_by_the_owner():
         assert "task.user_id = %(p_owner)s" in sql_text, name
     assert "task.user_id = %(p_owner)s" in update_sql(("completed", "description", "title"))
     assert "user_id" in CREATE and "%(p_owner)s" in CREATE
+
+
+def test_requests_waiting_for_a_connection_get_one_in_the_order_they_asked(database):
+    """A request that asks just as a connection comes back goes behind those already waiting.
+
+    SQLAlchemy's async pool alone hands the connection to whoever asks next; under load the
+    unlucky ones starve. The listener makes a late request ask at the worst moment: while the
+    connection is being checked in, before the longest waiter has woken up.
+    """
+    order: list[str] = []
+
+    async def request(name: str, transactions: IdentityTransactions) -> None:
+        async with transactions.as_user(name) as tx:
+            order.append(name)
+            await tx.queue("SELECT 1")
+
+    async def body(transactions: IdentityTransactions) -> None:
+        late: list[asyncio.Task[None]] = []
+
+        def ask_at_checkin(*_args: Any) -> None:
+            if not late and len(order) == 1:
+                late.append(asyncio.get_running_loop().create_task(request("late", transactions)))
+
+        event.listen(transactions.engine.sync_engine.pool, "checkin", ask_at_checkin)
+        async with transactions.as_user("holder") as tx:
+            order.append("holder")
+            waiting = [asyncio.create_task(request(n, transactions)) for n in ("a", "b", "c")]
+            await asyncio.sleep(0.05)  # all three are queued behind the holder
+            await tx.queue("SELECT 1")
+        await asyncio.gather(*waiting)
+        await asyncio.gather(*late)
+        assert late, "the checkin listener never ran"
+
+    in_transactions(database, body)
+    assert order == ["holder", "a", "b", "c", "late"]
 
 
 def test_no_identity_leaks_across_requests_on_a_single_pooled_connection(

@@ -100,6 +100,16 @@ def test_exhausted_pool_is_503_after_the_pool_timeout(small_app):
     assert small_app.get("/api/alice/tasks", headers=bearer("alice")).status_code == 200
 
 
+def test_a_request_queued_behind_busy_transactions_is_503_after_the_pool_timeout(small_app):
+    """The gate in front of the pool bounds the wait too, not only the pool itself."""
+    transactions = small_app.app.state.transactions
+    with small_app.portal.wrap_async_context_manager(transactions.as_user("bob")):
+        started = time.monotonic()
+        assert_unavailable(small_app.get("/api/alice/tasks", headers=bearer("alice")))
+        assert 0.5 <= time.monotonic() - started < 5
+    assert small_app.get("/api/alice/tasks", headers=bearer("alice")).status_code == 200
+
+
 def test_a_pooled_connection_the_server_ended_while_idle_is_replaced_unseen(
     fresh_database: TestDatabase,
 ):
