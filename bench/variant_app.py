@@ -36,12 +36,12 @@ from typing import Any
 
 import psycopg
 from fastapi import FastAPI, Request, Response
+from sqlalchemy.util import greenlet_spawn
 from starlette.routing import Route
 
 from service.app import create_app as real_create_app
 from service.db import IDENTITY_SQL, IdentityTransactions, Transaction
 from service.errors import Problem
-from service.models import public_list_json
 from service.observability import RequestObserver
 from service.queries import TaskStore
 from service.routes import task_response
@@ -63,9 +63,8 @@ def _variants() -> set[str]:
 async def _as_user_implicitly(
     self: IdentityTransactions, user_id: str
 ) -> AsyncIterator[Transaction]:
-    async with self.engine.connect() as pooled:
-        raw = await pooled.get_raw_connection()
-        connection: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
+    async with self._pooled_connection() as pooled:
+        connection: psycopg.AsyncConnection[Any] = pooled.driver_connection  # type: ignore[assignment]
         transaction = Transaction(connection)
         try:
             async with connection.pipeline():
@@ -73,7 +72,7 @@ async def _as_user_implicitly(
                 yield transaction
             await transaction.collect()
         except BaseException:
-            await pooled.invalidate()
+            await greenlet_spawn(pooled.invalidate)
             raise
 
 
@@ -100,7 +99,7 @@ async def _raw_list(request: Request) -> Response:
     store = await _raw_store(request)
     if isinstance(store, Response):
         return store
-    return Response(public_list_json(await store.list()), media_type="application/json")
+    return Response(await store.list(), media_type="application/json")
 
 
 def create_app() -> FastAPI:

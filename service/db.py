@@ -3,7 +3,8 @@
 This is the security-critical module. Every task request runs in one transaction that begins
 by switching to the unprivileged application role and setting `app.current_user_id`, both
 transaction-local, in one statement with bound values (`IDENTITY_SQL`, which also bounds the
-transaction's statements with DB_STATEMENT_TIMEOUT_SECONDS). BEGIN, that statement,
+transaction's statements with DB_STATEMENT_TIMEOUT_SECONDS and sets the time zone that the
+JSON of a task is rendered in to UTC). BEGIN, that statement,
 the request's own statements and COMMIT travel together in one psycopg pipeline: one round
 trip to the database, and nothing of the request can run before the identity is in place.
 """
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 REPO_ROOT = PROJECT_ROOT
 IDENTITY_SQL = (
     "SELECT set_config('role', %s, true), set_config('app.current_user_id', %s, true),"
-    " set_config('statement_timeout', %s, true)"
+    " set_config('statement_timeout', %s, true), set_config('TimeZone', 'UTC', true)"
 )
 
 

@@ -1,8 +1,7 @@
 """The task table and the request/response schemas, side by side."""
 
 import hashlib
-from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any
 
 from pydantic import (
@@ -11,9 +10,7 @@ from pydantic import (
     StrictBool,
     StrictStr,
     StringConstraints,
-    TypeAdapter,
     WithJsonSchema,
-    field_serializer,
     field_validator,
 )
 from sqlalchemy import BigInteger, Column, DateTime, FetchedValue, Identity, Text, func
@@ -151,35 +148,14 @@ class TaskPublic(SQLModel):
     description: str | None = Field(max_length=DESCRIPTION_MAX)
     completed: bool
     user_id: str = Field(min_length=1, max_length=USER_ID_MAX)
-    # Serialized as strings (always with +00:00); the document still calls them date-times.
+    # Rendered by PostgreSQL in UTC (always +00:00): service.queries builds the JSON.
     created_at: datetime = Field(schema_extra=documented(format="date-time"))
     updated_at: datetime = Field(schema_extra=documented(format="date-time"))
-
-    @field_serializer("created_at", "updated_at")
-    def _as_utc(self, value: datetime) -> str:
-        return value.astimezone(UTC).isoformat()
-
-
-PUBLIC_TASK = TypeAdapter(TaskPublic)
-PUBLIC_TASKS = TypeAdapter(list[TaskPublic])
-
-
-def public_json(row: Mapping[str, Any]) -> bytes:
-    """A task row as clients see it: the response body, and what its ETag is a digest of."""
-    return PUBLIC_TASK.dump_json(PUBLIC_TASK.validate_python(row))
-
-
-def public_list_json(rows: Sequence[Mapping[str, Any]]) -> bytes:
-    return PUBLIC_TASKS.dump_json(PUBLIC_TASKS.validate_python(rows))
 
 
 def etag_of(body: bytes) -> str:
     """A strong validator: a digest of the task exactly as clients see it."""
     return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
-
-
-def etag(row: Mapping[str, Any]) -> str:
-    return etag_of(public_json(row))
 
 
 # --- error bodies (application/problem+json, RFC 9457), as service.errors sends them --------

@@ -4,23 +4,30 @@ Each statement is a SQLModel query that filters by the owner, as the row-level s
 also does underneath. They are compiled to psycopg's SQL once, at import: a request only binds
 values. `TaskStore` runs them as the caller (service.db.IdentityTransactions): one round trip
 per request, two when an If-Match header must be checked against the locked row.
+
+PostgreSQL renders each task as the JSON clients get (`row_to_json` over exactly TaskPublic's
+columns, in the transaction's UTC time zone), as PostgREST does: the service passes the text
+through instead of building rows, validating and serializing them again in Python.
 """
 
 from functools import cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from psycopg.rows import DictRow
-from sqlalchemy import Executable, bindparam, insert
+from sqlalchemy import Executable, Text, bindparam, cast, func, insert
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+from sqlalchemy.sql.expression import Label
+from sqlalchemy.sql.selectable import NamedFromClause
 from sqlmodel import delete, select, update
 
 from service.db import IdentityTransactions, Transaction
 from service.errors import Problem
-from service.models import Task, etag
+from service.models import Task, TaskPublic, etag_of
 
 DIALECT = PGDialect_psycopg()
-COLUMNS = tuple(Task.__table__.columns)  # type: ignore[attr-defined]
 EDITABLE = ("title", "description", "completed")
+# What clients see of a task, in TaskPublic's order.
+PUBLIC = tuple(Task.__table__.c[name] for name in TaskPublic.model_fields)  # type: ignore[attr-defined]
 
 # Bound parameters are prefixed: a bindparam may not share its name with a column it sets.
 OWNER = bindparam("p_owner", type_=Task.__table__.c.user_id.type)  # type: ignore[attr-defined]
@@ -33,15 +40,32 @@ def compiled(statement: Executable) -> str:
     return str(statement.compile(dialect=DIALECT))
 
 
-LIST = compiled(
-    select(Task).where(IS_OWNERS).order_by(Task.created_at.desc(), Task.id.desc())  # type: ignore[union-attr]
+def as_json(rows: NamedFromClause) -> Label[str]:
+    """Each row of `rows` as one JSON object, sent as text (psycopg would parse json)."""
+    return cast(func.row_to_json(rows.table_valued()), Text).label("json")
+
+
+def shown(rows: NamedFromClause) -> Executable:
+    return select(rows.c.id, as_json(rows))
+
+
+def public(*where: Any) -> NamedFromClause:
+    return select(*PUBLIC).where(*where).subquery("task_public")
+
+
+LISTED = public(IS_OWNERS)
+LIST = compiled(select(as_json(LISTED)).order_by(LISTED.c.created_at.desc(), LISTED.c.id.desc()))
+GET = compiled(shown(public(*IS_THE_TASK)))
+LOCK = compiled(
+    shown(select(*PUBLIC).where(*IS_THE_TASK).with_for_update().subquery("task_public"))
 )
-GET = compiled(select(Task).where(*IS_THE_TASK))
-LOCK = compiled(select(Task).where(*IS_THE_TASK).with_for_update())
 CREATE = compiled(
-    insert(Task)
-    .values({name: bindparam(f"p_{name}") for name in EDITABLE} | {"user_id": OWNER})
-    .returning(*COLUMNS)
+    shown(
+        insert(Task)
+        .values({name: bindparam(f"p_{name}") for name in EDITABLE} | {"user_id": OWNER})
+        .returning(*PUBLIC)
+        .cte("task_public")
+    )
 )
 DELETE = compiled(delete(Task).where(*IS_THE_TASK).returning(Task.id))
 
@@ -53,11 +77,25 @@ def update_sql(columns: tuple[str, ...]) -> str:
     if unknown:
         raise ValueError(f"not editable: {sorted(unknown)}")
     return compiled(
-        update(Task)
-        .where(*IS_THE_TASK)
-        .values({name: bindparam(f"p_{name}") for name in columns})
-        .returning(*COLUMNS)
+        shown(
+            update(Task)
+            .where(*IS_THE_TASK)
+            .values({name: bindparam(f"p_{name}") for name in columns})
+            .returning(*PUBLIC)
+            .cte("task_public")
+        )
     )
+
+
+class PublicTask(NamedTuple):
+    """A task as clients see it: its id, and its JSON text exactly as sent."""
+
+    id: int
+    json: str
+
+    @property
+    def etag(self) -> str:
+        return etag_of(self.json.encode())
 
 
 class TaskStore:
@@ -67,26 +105,27 @@ class TaskStore:
         self._transactions = transactions
         self.owner = owner
 
-    async def list(self) -> list[DictRow]:
+    async def list(self) -> str:
+        """The caller's tasks as a JSON array, newest first."""
         async with self._transactions.as_user(self.owner) as tx:
             listed = await tx.queue(LIST, {"p_owner": self.owner})
-        return listed.rows
+        return "[" + ",".join(row["json"] for row in listed.rows) + "]"
 
-    async def get(self, task_id: int) -> DictRow | None:
+    async def get(self, task_id: int) -> PublicTask | None:
         async with self._transactions.as_user(self.owner) as tx:
             got = await tx.queue(GET, self._the_task(task_id))
         return first(got.rows)
 
-    async def create(self, fields: dict[str, Any]) -> DictRow:
+    async def create(self, fields: dict[str, Any]) -> PublicTask:
         values = {f"p_{name}": fields[name] for name in EDITABLE}
         async with self._transactions.as_user(self.owner) as tx:
             created = await tx.queue(CREATE, {"p_owner": self.owner, **values})
         (row,) = created.rows  # INSERT … RETURNING returns the row it wrote
-        return row
+        return public_task(row)
 
     async def update(
         self, task_id: int, changes: dict[str, Any], if_match: str | None
-    ) -> DictRow | None:
+    ) -> PublicTask | None:
         """The updated task, or None when the caller has no such task."""
         sql = update_sql(tuple(sorted(changes)))
         values = {f"p_{name}": value for name, value in changes.items()}
@@ -114,12 +153,16 @@ class TaskStore:
         if current is None:
             raise not_found()
         accepted = {candidate.strip() for candidate in if_match.split(",")}
-        if "*" not in accepted and etag(current) not in accepted:
+        if "*" not in accepted and current.etag not in accepted:
             raise Problem(412, "The task has changed since it was read; read it again.")
 
 
-def first(rows: list[DictRow]) -> DictRow | None:
-    return rows[0] if rows else None
+def public_task(row: DictRow) -> PublicTask:
+    return PublicTask(row["id"], row["json"])
+
+
+def first(rows: list[DictRow]) -> PublicTask | None:
+    return public_task(rows[0]) if rows else None
 
 
 def not_found() -> Problem:

@@ -1,7 +1,6 @@
 """The six task routes. Each query filters by the owner too; RLS enforces it underneath."""
 
-from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Header, Path, Request, Response, status
@@ -14,11 +13,8 @@ from service.models import (
     TaskCreate,
     TaskPublic,
     TaskUpdate,
-    etag_of,
-    public_json,
-    public_list_json,
 )
-from service.queries import TaskStore, not_found
+from service.queries import PublicTask, TaskStore, not_found
 
 MAX_BIGINT = 2**63 - 1
 
@@ -82,16 +78,15 @@ WRITE_PROBLEMS = BODY_PROBLEMS | NO_SUCH_TASK | PRECONDITION_FAILED
 router = APIRouter(prefix="/api/{user_id}/tasks", tags=["tasks"], responses=TASK_PROBLEMS)
 
 
-def task_response(row: Mapping[str, Any], status_code: int = 200, **headers: str) -> Response:
-    body = public_json(row)
-    headers["ETag"] = etag_of(body)
-    return Response(body, status_code, headers, media_type="application/json")
+def task_response(task: PublicTask, status_code: int = 200, **headers: str) -> Response:
+    headers["ETag"] = task.etag
+    return Response(task.json, status_code, headers, media_type="application/json")
 
 
 @router.get("", response_model=list[TaskPublic], responses=LISTED)
 async def list_tasks(tasks: Tasks) -> Response:
     """The caller's tasks, newest first."""
-    return Response(public_list_json(await tasks.list()), media_type="application/json")
+    return Response(await tasks.list(), media_type="application/json")
 
 
 @router.post(
@@ -104,7 +99,7 @@ async def create_task(body: TaskCreate, tasks: Tasks, request: Request) -> Respo
     task = await tasks.create(body.model_dump())
     # url_path_for does not escape: an opaque user id may hold spaces, '?' or non-ASCII.
     location = request.app.url_path_for(
-        "read_task", user_id=quote(tasks.owner, safe=""), task_id=str(task["id"])
+        "read_task", user_id=quote(tasks.owner, safe=""), task_id=str(task.id)
     )
     return task_response(task, status.HTTP_201_CREATED, Location=location)
 
@@ -146,7 +141,7 @@ async def delete_task(task_id: TaskId, tasks: Tasks, if_match: IfMatch = None) -
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-def found(task: Mapping[str, Any] | None) -> Mapping[str, Any]:
+def found(task: PublicTask | None) -> PublicTask:
     if task is None:
         raise not_found()
     return task

@@ -1,10 +1,16 @@
 """Every route's success path, every status code it can return, and cross-user access."""
 
-from datetime import datetime
+import json
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
+import psycopg
 import pytest
+from psycopg import sql
+
+from service.models import TaskPublic
+from service.testing import app_client
 
 ALICE, BOB = "alice", "bob"
 MISSING_ID = 9_000_000_000
@@ -47,6 +53,35 @@ def test_create_returns_201_location_and_the_task(client, admin, auth):
     for stamp in ("created_at", "updated_at"):
         assert datetime.fromisoformat(task[stamp]).utcoffset().total_seconds() == 0
     assert row(admin, task["id"])[:4] == ("Buy milk", "2 litres", False, ALICE)
+
+
+def test_a_task_is_sent_as_exactly_its_public_fields_in_utc_whatever_the_time_zone(
+    fresh_database, auth
+):
+    """PostgreSQL renders the JSON: the transaction's time zone is UTC even where the
+    database's (or the role's) default is not, and no column beyond TaskPublic's is sent."""
+    with psycopg.connect(fresh_database.server_url, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("ALTER DATABASE {} SET TimeZone = 'Asia/Kolkata'").format(
+                sql.Identifier(fresh_database.name)
+            )
+        )
+    with app_client(fresh_database.settings()) as client:
+        created = client.post("/api/alice/tasks", json={"title": "t"}, headers=auth(ALICE))
+        path = f"/api/alice/tasks/{created.json()['id']}"
+        bodies = [
+            created.text,
+            client.get(path, headers=auth(ALICE)).text,
+            client.patch(path + "/complete", headers=auth(ALICE)).text,
+        ]
+        bodies.append(client.get("/api/alice/tasks", headers=auth(ALICE)).text[1:-1])
+    for body in bodies:
+        task = json.loads(body)
+        assert list(task) == list(TaskPublic.model_fields)
+        TaskPublic.model_validate_json(body)
+        for stamp in ("created_at", "updated_at"):
+            assert task[stamp].endswith("+00:00"), task[stamp]
+            assert datetime.fromisoformat(task[stamp]) <= datetime.now(UTC)
 
 
 def test_create_with_title_only_defaults_the_rest(client, auth):
