@@ -28,6 +28,7 @@ runs it in background threads; `proxy.delay` can be changed while it runs and
 import argparse
 import contextlib
 import queue
+import re
 import socket
 import struct
 import threading
@@ -72,6 +73,9 @@ class Stats:
 COUNTERS = ("client_messages", "statements")
 
 
+ON_TASK = re.compile(r"\b(INSERT INTO|UPDATE|DELETE FROM|FROM) task\b", re.IGNORECASE)
+
+
 def label(query: bytes) -> str:
     """A short name for a statement: BEGIN, COMMIT, the pre-ping, or its first words."""
     text = " ".join(query.decode("utf-8", "replace").split())
@@ -80,14 +84,13 @@ def label(query: bytes) -> str:
         return "set_config(role), set_config(user)"
     if upper in ("SELECT 1", ";", ""):
         return f"{text or '(empty)'} (pool pre-ping)"
-    for verb in ("INSERT INTO", "UPDATE", "DELETE FROM"):
-        if upper.startswith(verb):
-            return " ".join(text.split()[: len(verb.split()) + 1])
-    if upper.startswith("SELECT") and " FROM " in upper:
-        rest = text[upper.index(" FROM ") + 1 :]
-        lock = " FOR UPDATE" if upper.endswith("FOR UPDATE") else ""
+    # The table's own verb, wherever it stands: the statements render JSON around it.
+    if found := ON_TASK.search(text):
+        verb = found.group(1).upper()
+        what = "SELECT … FROM task" if verb == "FROM" else f"{verb} task"
         order = " ORDER BY" if " ORDER BY " in upper else ""
-        return "SELECT … " + " ".join(rest.split()[:2]) + order + lock
+        lock = " FOR UPDATE" if " FOR UPDATE" in upper else ""
+        return what + order + lock
     return text[:40]
 
 
