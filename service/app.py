@@ -27,7 +27,8 @@ from service.errors import (
     install_error_handlers,
     problem_response,
 )
-from service.observability import Metrics, RequestObserver, configure_logging, metrics_endpoint
+from service.logs import configure_logging
+from service.observability import Metrics, RequestObserver, metrics_endpoint
 from service.posture import Posture, check_posture
 from service.routes import router
 from service.settings import Settings, get_settings, masked, sqlalchemy_url

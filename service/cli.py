@@ -8,17 +8,21 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING
 
 import jwt
 import psycopg
 import uvicorn
 
 from service import embedded
-from service.app import read_posture
-from service.audit import audit_database
-from service.db import Database, make_engine, run_migrations
-from service.observability import configure_logging
+from service.logs import configure_logging
 from service.settings import Settings, get_settings, masked, sqlalchemy_url
+
+# The app, the ORM and the audit are imported by the commands that use them: with
+# `serve --workers N` every worker imports the app itself, and the parent importing it too
+# first would add a second to start-up (bench/RESULTS.md).
+if TYPE_CHECKING:
+    from service.db import Database
 
 log = logging.getLogger("service.cli")
 
@@ -100,6 +104,8 @@ def migrate_command(settings: Settings, wait_seconds: float) -> int:
         else:
             url = sqlalchemy_url(raw).render_as_string(hide_password=False)
         wait_for_database(url, wait_seconds, settings.db_connect_timeout_seconds)
+        from service.db import run_migrations
+
         run_migrations(url, settings.app_db_role)
     return 0
 
@@ -142,8 +148,10 @@ def token_command(settings: Settings, user_id: str, ttl: int) -> int:
 
 
 @contextmanager
-def open_database(settings: Settings) -> Iterator[Database]:
+def open_database(settings: Settings) -> Iterator["Database"]:
     """The configured database (the embedded one when there is no DATABASE_URL), one connection."""
+    from service.db import Database, make_engine
+
     with ExitStack() as stack:
         if settings.embedded:
             server, raw = embedded.start(settings.data_dir)
@@ -158,6 +166,8 @@ def open_database(settings: Settings) -> Iterator[Database]:
 
 def check_command(settings: Settings) -> int:
     with open_database(settings) as db:
+        from service.app import read_posture
+
         posture = read_posture(db)
     for problem in posture.problems:
         print(f"FAIL  {problem}")
@@ -172,6 +182,8 @@ def check_command(settings: Settings) -> int:
 def audit_command(settings: Settings, *, as_json: bool) -> int:
     """Exit 1 exactly when the posture check fails; the rest is information."""
     with open_database(settings) as db:
+        from service.audit import audit_database
+
         report = audit_database(db)
     print(json.dumps(report.to_dict(), indent=2) if as_json else report.to_text())
     return 0 if report.ok else 1

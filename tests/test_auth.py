@@ -28,7 +28,7 @@ from pydantic import SecretStr
 from sqlalchemy import event
 
 from service.auth import VerifiedTokens
-from service.observability import JsonFormatter
+from service.logs import JsonFormatter
 from service.settings import Settings
 from service.testing import TEST_SECRET, TestDatabase, app_client, make_token
 

@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.exc import DataError
 
 from service.app import create_app
-from service.observability import JsonFormatter, TextFormatter
+from service.logs import JsonFormatter, TextFormatter
 
 ACCESS_LOGGER = "service.access"
 
