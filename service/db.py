@@ -252,8 +252,11 @@ class IdentityTransactions:
             try:
                 yield pooled
             finally:
-                # Returning it may close it (an overflow connection), which needs greenlet_spawn.
-                await greenlet_spawn(pooled.close)
+                # Returning it may close it (an overflow connection), which needs greenlet_spawn;
+                # shielded, as SQLAlchemy's own AsyncConnection does, so that a cancelled
+                # request cannot leave the connection checked out for good.
+                with anyio.CancelScope(shield=True):
+                    await greenlet_spawn(pooled.close)
         finally:
             self._gate.release()
 
