@@ -3,8 +3,7 @@
 This is the security-critical module. Every task request runs in one transaction that begins
 by switching to the unprivileged application role and setting `app.current_user_id`, both
 transaction-local, in one statement with bound values (`IDENTITY_SQL`, which also bounds the
-transaction's statements with DB_STATEMENT_TIMEOUT_SECONDS and sets the time zone that the
-JSON of a task is rendered in to UTC). BEGIN, that statement,
+transaction's statements with DB_STATEMENT_TIMEOUT_SECONDS). BEGIN, that statement,
 the request's own statements and COMMIT travel together in one psycopg pipeline: one round
 trip to the database, and nothing of the request can run before the identity is in place.
 """
@@ -14,7 +13,7 @@ import logging
 import select
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +37,7 @@ log = logging.getLogger(__name__)
 REPO_ROOT = PROJECT_ROOT
 IDENTITY_SQL = (
     "SELECT set_config('role', %s, true), set_config('app.current_user_id', %s, true),"
-    " set_config('statement_timeout', %s, true), set_config('TimeZone', 'UTC', true)"
+    " set_config('statement_timeout', %s, true)"
 )
 
 
@@ -253,8 +252,8 @@ class IdentityTransactions:
                 yield pooled
             finally:
                 # Returning it may close it (an overflow connection), which needs greenlet_spawn;
-                # shielded, as SQLAlchemy's own AsyncConnection does, so that a cancelled
-                # request cannot leave the connection checked out for good.
+                # shielded from anyio's cancellation so that it is not cut short half-way (a
+                # connection going back into the pool does not wait on anything).
                 with anyio.CancelScope(shield=True):
                     await greenlet_spawn(pooled.close)
         finally:
@@ -282,15 +281,19 @@ class IdentityTransactions:
         request that takes it from the pool."""
         if isinstance(exc, psycopg.Error) and self._on_error is not None:
             self._on_error(exc)
-        # Cancelled mid-pipeline (a client gone, shutdown), the protocol state is unknown.
-        if isinstance(exc, Exception) and not (connection.broken or connection.closed):
-            try:
-                if connection.info.transaction_status != TransactionStatus.IDLE:
-                    await connection.execute("ROLLBACK")
-                return
-            except psycopg.Error:
-                pass
-        await greenlet_spawn(pooled.invalidate)
+        idle = False
+        try:
+            # Cancelled mid-pipeline (a client gone, shutdown), the protocol state is unknown.
+            if isinstance(exc, Exception) and not (connection.broken or connection.closed):
+                with suppress(psycopg.Error):
+                    if connection.info.transaction_status != TransactionStatus.IDLE:
+                        await connection.execute("ROLLBACK")
+                    idle = True
+        finally:
+            # Also when the ROLLBACK itself is cut short (a plain asyncio cancel, which anyio's
+            # shield does not stop): only a connection known to be idle goes back to the pool.
+            if not idle:
+                await greenlet_spawn(pooled.invalidate)
 
     async def dispose(self) -> None:
         await self.engine.dispose()

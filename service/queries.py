@@ -6,7 +6,7 @@ values. `TaskStore` runs them as the caller (service.db.IdentityTransactions): o
 per request, two when an If-Match header must be checked against the locked row.
 
 PostgreSQL renders each task as the JSON clients get (`row_to_json` over exactly TaskPublic's
-columns, in the transaction's UTC time zone), as PostgREST does: the service passes the text
+fields, timestamps as RFC 3339 text in UTC), as PostgREST does: the service passes the text
 through instead of building rows, validating and serializing them again in Python.
 """
 
@@ -14,10 +14,20 @@ from functools import cache
 from typing import Any, NamedTuple
 
 from psycopg.rows import DictRow
-from sqlalchemy import Executable, Text, bindparam, cast, func, insert
+from sqlalchemy import (
+    ColumnElement,
+    Executable,
+    FromClause,
+    Select,
+    Text,
+    bindparam,
+    cast,
+    func,
+    insert,
+    literal_column,
+    true,
+)
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
-from sqlalchemy.sql.expression import Label
-from sqlalchemy.sql.selectable import NamedFromClause
 from sqlmodel import delete, select, update
 
 from service.db import IdentityTransactions, Transaction
@@ -25,13 +35,14 @@ from service.errors import Problem
 from service.models import Task, TaskPublic, etag_of
 
 DIALECT = PGDialect_psycopg()
+TASK = Task.__table__  # type: ignore[attr-defined]
 EDITABLE = ("title", "description", "completed")
-# What clients see of a task, in TaskPublic's order.
-PUBLIC = tuple(Task.__table__.c[name] for name in TaskPublic.model_fields)  # type: ignore[attr-defined]
+TIMESTAMPS = ("created_at", "updated_at")
+RFC3339_UTC = literal_column("""'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'""")
 
 # Bound parameters are prefixed: a bindparam may not share its name with a column it sets.
-OWNER = bindparam("p_owner", type_=Task.__table__.c.user_id.type)  # type: ignore[attr-defined]
-TASK_ID = bindparam("p_task_id", type_=Task.__table__.c.id.type)  # type: ignore[attr-defined]
+OWNER = bindparam("p_owner", type_=TASK.c.user_id.type)
+TASK_ID = bindparam("p_task_id", type_=TASK.c.id.type)
 IS_OWNERS = Task.user_id == OWNER
 IS_THE_TASK = (Task.id == TASK_ID, IS_OWNERS)
 
@@ -40,31 +51,38 @@ def compiled(statement: Executable) -> str:
     return str(statement.compile(dialect=DIALECT))
 
 
-def as_json(rows: NamedFromClause) -> Label[str]:
-    """Each row of `rows` as one JSON object, sent as text (psycopg would parse json)."""
-    return cast(func.row_to_json(rows.table_valued()), Text).label("json")
+def utc_text(timestamp: ColumnElement[Any]) -> ColumnElement[str]:
+    """RFC 3339 in UTC with all six digits of microseconds, whatever the session's TimeZone."""
+    return func.to_char(func.timezone(literal_column("'UTC'"), timestamp), RFC3339_UTC)
 
 
-def shown(rows: NamedFromClause) -> Executable:
-    return select(rows.c.id, as_json(rows))
+def with_json(rows: FromClause) -> Select[Any]:
+    """Each row's id and its JSON as clients see it: TaskPublic's fields, made by a LATERAL
+    projection of the row, so that WHERE and ORDER BY still work on the table's columns."""
+    fields = [
+        utc_text(rows.c[name]).label(name) if name in TIMESTAMPS else rows.c[name]
+        for name in TaskPublic.model_fields
+    ]
+    public = select(*fields).correlate(rows).lateral("task_public")
+    as_text = cast(func.row_to_json(public.table_valued()), Text)  # psycopg would parse json
+    return select(rows.c.id, as_text.label("json")).select_from(rows.join(public, true()))
 
 
-def public(*where: Any) -> NamedFromClause:
-    return select(*PUBLIC).where(*where).subquery("task_public")
+def written(statement: Any) -> Select[Any]:
+    """An INSERT or UPDATE … RETURNING, with the JSON of the rows it wrote."""
+    return with_json(statement.returning(*TASK.c).cte("written"))
 
 
-LISTED = public(IS_OWNERS)
-LIST = compiled(select(as_json(LISTED)).order_by(LISTED.c.created_at.desc(), LISTED.c.id.desc()))
-GET = compiled(shown(public(*IS_THE_TASK)))
-LOCK = compiled(
-    shown(select(*PUBLIC).where(*IS_THE_TASK).with_for_update().subquery("task_public"))
+LIST = compiled(
+    with_json(TASK).where(IS_OWNERS).order_by(TASK.c.created_at.desc(), TASK.c.id.desc())
 )
+GET = compiled(with_json(TASK).where(*IS_THE_TASK))
+LOCK = compiled(with_json(TASK).where(*IS_THE_TASK).with_for_update(of=TASK))
 CREATE = compiled(
-    shown(
-        insert(Task)
-        .values({name: bindparam(f"p_{name}") for name in EDITABLE} | {"user_id": OWNER})
-        .returning(*PUBLIC)
-        .cte("task_public")
+    written(
+        insert(Task).values(
+            {name: bindparam(f"p_{name}") for name in EDITABLE} | {"user_id": OWNER}
+        )
     )
 )
 DELETE = compiled(delete(Task).where(*IS_THE_TASK).returning(Task.id))
@@ -77,12 +95,10 @@ def update_sql(columns: tuple[str, ...]) -> str:
     if unknown:
         raise ValueError(f"not editable: {sorted(unknown)}")
     return compiled(
-        shown(
+        written(
             update(Task)
             .where(*IS_THE_TASK)
             .values({name: bindparam(f"p_{name}") for name in columns})
-            .returning(*PUBLIC)
-            .cte("task_public")
         )
     )
 

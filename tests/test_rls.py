@@ -375,6 +375,36 @@ def test_a_failed_request_transaction_rolls_back_and_its_connection_serves_the_n
     assert owner_rows(admin) == []
 
 
+def test_a_rollback_cut_short_by_cancellation_drops_the_connection(database, admin, monkeypatch):
+    """A plain asyncio cancel can land during the ROLLBACK of a failed request (uvicorn's
+    shutdown timeout cancels that way, and anyio's shield does not stop it). The connection,
+    still inside the failed transaction, must not go back to the pool: the next request on it
+    would commit the half-done work."""
+    real_execute = psycopg.AsyncConnection.execute
+
+    async def cancelled_at_rollback(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        if query == "ROLLBACK":
+            raise asyncio.CancelledError  # as if the task were cancelled while it ran
+        return await real_execute(self, query, *args, **kwargs)
+
+    async def body(transactions: IdentityTransactions) -> tuple[int, tuple[Any, ...]]:
+        monkeypatch.setattr(psycopg.AsyncConnection, "execute", cancelled_at_rollback)
+        with pytest.raises(asyncio.CancelledError):
+            async with transactions.as_user("alice") as tx:
+                await tx.queue("INSERT INTO task (title, user_id) VALUES ('cut short', 'alice')")
+                before = await tx.read("SELECT pg_backend_pid() AS pid")
+                raise RuntimeError("the request failed after its write")
+        async with transactions.as_user("bob") as tx:
+            state = await tx.queue(STATE)
+        return before[0]["pid"], tuple(state.rows[0].values())
+
+    before, (current, _login, identity, pid, _timeout) = in_transactions(database, body)
+    assert (current, identity) == (database.app_role, "bob")
+    assert owner_rows(admin) == []
+    if not database.pooled:
+        assert pid != before  # a new connection replaced the one the cancel cut short
+
+
 def test_a_request_transaction_is_one_round_trip(database, tmp_path):
     """BEGIN, the identity, the statement and COMMIT are sent together, behind one Sync."""
     trace_path = tmp_path / "libpq.trace"

@@ -1,11 +1,11 @@
 """Every route's success path, every status code it can return, and cross-user access."""
 
 import json
+import re
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
-import psycopg
 import pytest
 from psycopg import sql
 
@@ -13,6 +13,7 @@ from service.models import TaskPublic
 from service.testing import app_client
 
 ALICE, BOB = "alice", "bob"
+RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00")
 MISSING_ID = 9_000_000_000
 
 
@@ -58,14 +59,20 @@ def test_create_returns_201_location_and_the_task(client, admin, auth):
 def test_a_task_is_sent_as_exactly_its_public_fields_in_utc_whatever_the_time_zone(
     fresh_database, auth
 ):
-    """PostgreSQL renders the JSON: the transaction's time zone is UTC even where the
-    database's (or the role's) default is not, and no column beyond TaskPublic's is sent."""
-    with psycopg.connect(fresh_database.server_url, autocommit=True) as admin:
-        admin.execute(
+    """PostgreSQL renders the JSON: timestamps in UTC with all six digits of microseconds even
+    where the database's default time zone is not UTC, and no column beyond TaskPublic's."""
+    with fresh_database.connect(autocommit=True) as owner:
+        owner.execute(
             sql.SQL("ALTER DATABASE {} SET TimeZone = 'Asia/Kolkata'").format(
                 sql.Identifier(fresh_database.name)
             )
         )
+        whole = owner.execute(
+            "INSERT INTO task (title, user_id, created_at, updated_at) VALUES"
+            " ('whole', 'alice', '2026-01-01 05:30:00+05:30', '2026-01-01 00:00:00.5+00')"
+            " RETURNING id"
+        ).fetchone()
+    assert whole is not None
     with app_client(fresh_database.settings()) as client:
         created = client.post("/api/alice/tasks", json={"title": "t"}, headers=auth(ALICE))
         path = f"/api/alice/tasks/{created.json()['id']}"
@@ -74,14 +81,19 @@ def test_a_task_is_sent_as_exactly_its_public_fields_in_utc_whatever_the_time_zo
             client.get(path, headers=auth(ALICE)).text,
             client.patch(path + "/complete", headers=auth(ALICE)).text,
         ]
-        bodies.append(client.get("/api/alice/tasks", headers=auth(ALICE)).text[1:-1])
+        bodies += [
+            json.dumps(task) for task in client.get("/api/alice/tasks", headers=auth(ALICE)).json()
+        ]
+        old = client.get(f"/api/alice/tasks/{whole[0]}", headers=auth(ALICE)).json()
     for body in bodies:
         task = json.loads(body)
         assert list(task) == list(TaskPublic.model_fields)
         TaskPublic.model_validate_json(body)
         for stamp in ("created_at", "updated_at"):
-            assert task[stamp].endswith("+00:00"), task[stamp]
+            assert RFC3339_UTC.fullmatch(task[stamp]), task[stamp]
             assert datetime.fromisoformat(task[stamp]) <= datetime.now(UTC)
+    assert old["created_at"] == "2026-01-01T00:00:00.000000+00:00"
+    assert old["updated_at"] == "2026-01-01T00:00:00.500000+00:00"
 
 
 def test_create_with_title_only_defaults_the_rest(client, auth):
