@@ -25,8 +25,8 @@ from service.posture import (
     live_policies,
     owned_objects,
 )
+from service.settings import PROJECT_ROOT
 
-REPO_ROOT = POLICIES_DIR.parent.parent
 COMMANDS = {"r": "SELECT", "a": "INSERT", "w": "UPDATE", "d": "DELETE", "*": "ALL"}
 PLAIN_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_$]*$")
 
@@ -251,7 +251,7 @@ def listed(names: list[str], empty: str = "(none)") -> str:
 
 
 def display_path(path: Path) -> str:
-    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+    return str(path.relative_to(PROJECT_ROOT)) if path.is_relative_to(PROJECT_ROOT) else str(path)
 
 
 def quote_identifier(name: str) -> str:

@@ -34,7 +34,6 @@ from service.settings import PROJECT_ROOT, Settings
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = PROJECT_ROOT
 IDENTITY_SQL = (
     "SELECT set_config('role', %s, true), set_config('app.current_user_id', %s, true),"
     " set_config('statement_timeout', %s, true)"
@@ -315,7 +314,7 @@ def run_migrations(url: str, app_role: str) -> None:
     from alembic import command
     from alembic.config import Config
 
-    config = Config(str(REPO_ROOT / "alembic.ini"))
+    config = Config(str(PROJECT_ROOT / "alembic.ini"))
     config.attributes["url"] = url
     config.attributes["app_role"] = app_role
     command.upgrade(config, "head")

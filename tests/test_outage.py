@@ -28,12 +28,12 @@ import httpx
 import psycopg
 import pytest
 
-from service.db import REPO_ROOT, run_migrations
+from service.db import run_migrations
 from service.embedded import get_server
-from service.settings import Settings
+from service.settings import PROJECT_ROOT, Settings
 from service.testing import TestDatabase, bearer, live_server, postgres_processes
 
-FIGURES_FILE = REPO_ROOT / ".data" / "reliability" / "outage.json"
+FIGURES_FILE = PROJECT_ROOT / ".data" / "reliability" / "outage.json"
 CONFIG_VARIABLES = ("DATABASE_URL", "DATABASE_ADMIN_URL", "JWT_SECRET", "BETTER_AUTH_SECRET")
 RETRY_AFTER = 7
 CLIENT_TIMEOUT = 20  # seconds; far above every bound asserted, so a hang fails, never blocks

@@ -56,8 +56,8 @@ def test_migrations_and_policies_are_found_through_todo_api_root(tmp_path):
     shutil.copytree(ROOT / "db", app / "db")
     shutil.copy(ROOT / "alembic.ini", app)
     code = (
-        "from service.db import REPO_ROOT; from service.posture import policy_files;"
-        "print(REPO_ROOT, *(path.parent.parent.parent for path in policy_files()))"
+        "from service.settings import PROJECT_ROOT; from service.posture import policy_files;"
+        "print(PROJECT_ROOT, *(path.parent.parent.parent for path in policy_files()))"
     )
     env = {"PATH": "/usr/bin:/bin", "TODO_API_ROOT": str(app)}
     result = subprocess.run(

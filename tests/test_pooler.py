@@ -28,8 +28,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from service.db import REPO_ROOT, make_engine
-from service.settings import sqlalchemy_url
+from service.db import make_engine
+from service.settings import PROJECT_ROOT, sqlalchemy_url
 from service.testing import (
     TestDatabase,
     bearer,
@@ -39,7 +39,7 @@ from service.testing import (
     pgbouncer_binary,
 )
 
-FIGURES_FILE = REPO_ROOT / ".data" / "reliability" / "pooler.json"
+FIGURES_FILE = PROJECT_ROOT / ".data" / "reliability" / "pooler.json"
 REQUESTS = 10_000
 # Concurrent clients, each with one keep-alive connection and one request in flight. Not more
 # than the 40 tokens of the app's threadpool: a request releases its pooled connection in a

@@ -19,9 +19,9 @@ from psycopg import sql
 
 from service import cli
 from service.app import UnsafePosture, read_posture
-from service.db import REPO_ROOT, Database, make_engine, run_migrations
+from service.db import Database, make_engine, run_migrations
 from service.posture import Posture
-from service.settings import get_settings, sqlalchemy_url
+from service.settings import PROJECT_ROOT, get_settings, sqlalchemy_url
 from service.testing import TestDatabase, app_client, bearer, libpq_url
 
 PROBLEM_JSON = "application/problem+json"
@@ -44,7 +44,7 @@ def names(problems: list[str], problem: str) -> bool:
 
 
 def alembic_config(database: TestDatabase) -> Config:
-    config = Config(str(REPO_ROOT / "alembic.ini"))
+    config = Config(str(PROJECT_ROOT / "alembic.ini"))
     config.attributes["url"] = database.url
     config.attributes["app_role"] = database.app_role
     return config
