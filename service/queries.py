@@ -104,14 +104,14 @@ def update_sql(columns: tuple[str, ...]) -> str:
 
 
 class PublicTask(NamedTuple):
-    """A task as clients see it: its id, and its JSON text exactly as sent."""
+    """A task as clients see it: its id, and its JSON exactly as sent (the response body)."""
 
     id: int
-    json: str
+    body: bytes
 
     @property
     def etag(self) -> str:
-        return etag_of(self.json.encode())
+        return etag_of(self.body)
 
 
 class TaskStore:
@@ -174,7 +174,7 @@ class TaskStore:
 
 
 def public_task(row: DictRow) -> PublicTask:
-    return PublicTask(row["id"], row["json"])
+    return PublicTask(row["id"], row["json"].encode())
 
 
 def first(rows: list[DictRow]) -> PublicTask | None:

@@ -80,7 +80,7 @@ router = APIRouter(prefix="/api/{user_id}/tasks", tags=["tasks"], responses=TASK
 
 def task_response(task: PublicTask, status_code: int = 200, **headers: str) -> Response:
     headers["ETag"] = task.etag
-    return Response(task.json, status_code, headers, media_type="application/json")
+    return Response(task.body, status_code, headers, media_type="application/json")
 
 
 @router.get("", response_model=list[TaskPublic], responses=LISTED)
