@@ -137,6 +137,8 @@ async def measure(url: str, app_role: str) -> list[tuple[str, float]]:
                 if result.status == pq.ExecStatus.PIPELINE_SYNC:
                     pgconn.exit_pipeline_mode()
                     return results[2].get_value(0, 1)
+                if result.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
+                    raise RuntimeError(f"libpq path: {result.error_message.decode()}")  # not timed
                 results.append(result)
             readable = loop.create_future()
             loop.add_reader(pgconn.socket, readable.set_result, None)
