@@ -2,26 +2,29 @@
 
 This is the security-critical module. Every task request runs in one transaction that begins
 by switching to the unprivileged application role and setting `app.current_user_id`, both
-transaction-local, in one statement with bound values (`IDENTITY_SQL`, which also bounds the
+transaction-local, in one statement with bound values (`IDENTITY`, which also bounds the
 transaction's statements with DB_STATEMENT_TIMEOUT_SECONDS). BEGIN, that statement,
-the request's own statements and COMMIT travel together in one psycopg pipeline: one round
-trip to the database, and nothing of the request can run before the identity is in place.
+the request's own statements and COMMIT travel together in one libpq pipeline (`Transaction`):
+one round trip to the database, and nothing of the request can run before the identity is in
+place.
 """
 
 import asyncio
+import itertools
 import logging
 import select
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import psycopg
-from psycopg.abc import Params
-from psycopg.pq import TransactionStatus
-from psycopg.rows import DictRow, dict_row
+from psycopg.adapt import PyFormat, Transformer
+from psycopg.pq import ExecStatus, PipelineStatus, TransactionStatus
+from psycopg.pq.abc import PGresult
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import InvalidatePoolError
@@ -33,11 +36,6 @@ from sqlalchemy.util import await_, greenlet_spawn
 from service.settings import PROJECT_ROOT, Settings
 
 log = logging.getLogger(__name__)
-
-IDENTITY_SQL = (
-    "SELECT set_config('role', %s, true), set_config('app.current_user_id', %s, true),"
-    " set_config('statement_timeout', %s, true)"
-)
 
 
 def connect_args(settings: Settings) -> dict[str, Any]:
@@ -134,39 +132,189 @@ def discard_if_closed_by_server(
         raise InvalidatePoolError("the server closed this pooled connection")
 
 
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Statement:
+    """SQL with numbered parameters ($1, $2, …) and the names of the values they take."""
+
+    sql: str
+    names: tuple[str, ...] = ()
+
+
+BEGIN = Statement("BEGIN")
+COMMIT = Statement("COMMIT")
+IDENTITY = Statement(
+    "SELECT set_config('role', $1, true), set_config('app.current_user_id', $2, true),"
+    " set_config('statement_timeout', $3, true)",
+    ("role", "user_id", "statement_timeout"),
+)
+AUTO = PyFormat.AUTO
+
+
 @dataclass(eq=False)
 class Queued:
-    """A statement sent in a request transaction; `rows` is filled in once it has committed."""
+    """A statement sent in a request transaction; `rows` is filled in once its result is in."""
 
-    cursor: psycopg.AsyncCursor[DictRow]
-    rows: list[DictRow] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Prepare:
+    key: tuple[bytes, tuple[int, ...]]
+    name: bytes
+
+
+_SYNC = object()  # the end of the pipeline: the server's ReadyForQuery
+_prepared_names = itertools.count(1)
+Prepared = dict[tuple[bytes, tuple[int, ...]], bytes]
 
 
 class Transaction:
-    """A request's transaction, open as the application role and the caller."""
+    """A request's transaction, open as the application role and the caller.
 
-    def __init__(self, connection: psycopg.AsyncConnection[Any]) -> None:
-        self.connection = connection
-        self._queued: list[Queued] = []
+    It drives the connection's libpq pipeline (`psycopg.pq`) itself: statements go into
+    libpq's output buffer as they are queued and leave in one write with the Sync, which is one
+    round trip and one wake-up of the server. psycopg's own pipeline sends and polls after every
+    `execute()`, one write per statement, which cost 60% of read throughput (bench/RESULTS.md).
+    psycopg still binds the values (`Transformer`), loads the rows and raises its own errors.
+    """
 
-    async def queue(self, sql: str, params: Params = ()) -> Queued:
+    def __init__(self, connection: psycopg.AsyncConnection[Any], prepared: Prepared | None) -> None:
+        self._pgconn = connection.pgconn
+        self._encoding = connection.info.encoding
+        self._adapt = Transformer(connection)
+        self._prepared = prepared  # None: never prepare (a transaction pooler may be in between)
+        self._preparing: dict[tuple[bytes, tuple[int, ...]], bytes] = {}
+        self._expected: deque[Queued | _Prepare | object | None] = deque()
+        self._error: psycopg.Error | None = None
+
+    def begin(self, identity: tuple[str, str, str]) -> None:
+        """BEGIN and the identity, first in the pipeline: nothing queued can run before them."""
+        self._pgconn.enter_pipeline_mode()
+        self._send(BEGIN, None, expected=None)
+        self._send(IDENTITY, dict(zip(IDENTITY.names, identity, strict=True)), expected=None)
+
+    def queue(self, statement: Statement | str, params: Mapping[str, Any] | None = None) -> Queued:
         """Send behind what is already queued, without waiting for the answer."""
-        cursor = self.connection.cursor(row_factory=dict_row)
-        await cursor.execute(sql, params)
-        queued = Queued(cursor)
-        self._queued.append(queued)
+        queued = Queued()
+        self._send(
+            Statement(statement) if isinstance(statement, str) else statement, params, queued
+        )
         return queued
 
-    async def read(self, sql: str, params: Params = ()) -> list[DictRow]:
+    async def read(
+        self, statement: Statement | str, params: Mapping[str, Any] | None = None
+    ) -> list[Row]:
         """Send and wait for the rows now (one more round trip; the transaction stays open)."""
-        queued = await self.queue(sql, params)
-        self._queued.remove(queued)
-        return await queued.cursor.fetchall()
+        queued = self.queue(statement, params)
+        self._pgconn.send_flush_request()
+        await self._receive(until=queued)
+        return queued.rows
 
-    async def collect(self) -> None:
-        for queued in self._queued:
-            if queued.cursor.description is not None:
-                queued.rows = await queued.cursor.fetchall()
+    async def commit(self) -> None:
+        self._send(COMMIT, None, expected=None)
+        await self._end_pipeline()
+        if self._error is not None:
+            raise self._error
+
+    async def abandon(self) -> None:
+        """End the pipeline whatever is in it; the caller then rolls back what is left."""
+        if self._pgconn.pipeline_status != PipelineStatus.OFF:
+            await self._end_pipeline()
+
+    async def _end_pipeline(self) -> None:
+        if _SYNC not in self._expected:
+            self._pgconn.pipeline_sync()
+            self._expected.append(_SYNC)
+        await self._receive(until=_SYNC)
+        self._pgconn.exit_pipeline_mode()
+
+    def _send(
+        self, statement: Statement, params: Mapping[str, Any] | None, expected: Queued | None
+    ) -> None:
+        """Into libpq's output buffer; `expected` is what its result is for (None: checked only)."""
+        values = [params[name] for name in statement.names] if params else []
+        dumped = self._adapt.dump_sequence(values, [AUTO] * len(values))
+        types, formats = self._adapt.types, self._adapt.formats
+        sql = statement.sql.encode(self._encoding)
+        name = self._prepared_name(sql, types)
+        if name is None:
+            self._pgconn.send_query_params(sql, dumped, types, formats)
+        else:
+            self._pgconn.send_query_prepared(name, dumped, formats)
+        self._expected.append(expected)
+
+    def _prepared_name(self, sql: bytes, types: Sequence[int]) -> bytes | None:
+        """The server-side statement to run, prepared on this connection in this pipeline if
+        it was not yet. Values of other types (psycopg picks int2, int4 or int8 by value) get
+        a statement of their own, as in psycopg's own prepared statements."""
+        if self._prepared is None:
+            return None
+        key = (sql, tuple(types))
+        name = self._prepared.get(key) or self._preparing.get(key)
+        if name is None:
+            name = self._preparing[key] = f"todo_api_{next(_prepared_names)}".encode()
+            self._pgconn.send_prepare(name, sql, types)
+            self._expected.append(_Prepare(key, name))
+        return name
+
+    async def _receive(self, *, until: object) -> None:
+        """Read results up to `until`'s; raise the first error only once it is reached."""
+        await self._flush()
+        while True:
+            self._pgconn.consume_input()
+            while self._expected and not self._pgconn.is_busy():
+                result = self._pgconn.get_result()
+                if result is None:
+                    continue  # the end of one statement's results
+                expected = self._expected.popleft()
+                self._take(expected, result)
+                if expected is until:
+                    if self._error is not None and until is not _SYNC:
+                        raise self._error
+                    return
+            await self._wait(reader=True)
+
+    def _take(self, expected: object, result: PGresult) -> None:
+        status = result.status
+        if status == ExecStatus.FATAL_ERROR:
+            self._error = self._error or psycopg.errors.error_from_result(result, self._encoding)
+        elif isinstance(expected, Queued) and status == ExecStatus.TUPLES_OK:
+            names = [result.fname(i).decode(self._encoding) for i in range(result.nfields)]
+            self._adapt.set_pgresult(result)
+            expected.rows = self._adapt.load_rows(
+                0, result.ntuples, lambda values: dict(zip(names, values, strict=True))
+            )
+        elif isinstance(expected, _Prepare) and status == ExecStatus.COMMAND_OK:
+            assert self._prepared is not None
+            self._prepared[expected.key] = expected.name
+
+    async def _flush(self) -> None:
+        while self._pgconn.flush():  # 1: the socket took only part of it
+            await self._wait(writer=True)
+
+    async def _wait(self, *, reader: bool = False, writer: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+
+        def wake() -> None:
+            if not ready.done():  # the loop may call again before this task runs
+                ready.set_result(None)
+
+        socket = self._pgconn.socket
+        if reader:
+            loop.add_reader(socket, wake)
+        if writer:
+            loop.add_writer(socket, wake)
+        try:
+            await ready
+        finally:
+            if reader:
+                loop.remove_reader(socket)
+            if writer:
+                loop.remove_writer(socket)
 
 
 class IdentityTransactions:
@@ -181,6 +329,7 @@ class IdentityTransactions:
         wait_seconds: float,
         on_error: Callable[[BaseException], None] | None = None,
         statement_timeout_seconds: float = 0,
+        prepare: bool = False,
     ) -> None:
         self.engine = engine
         self.app_role = app_role
@@ -189,6 +338,7 @@ class IdentityTransactions:
         self._statement_timeout = f"{round(statement_timeout_seconds * 1000)}ms"
         self._gate = asyncio.Semaphore(connections)
         self._wait_seconds = wait_seconds
+        self._prepare = prepare
 
     @classmethod
     def from_settings(
@@ -205,6 +355,7 @@ class IdentityTransactions:
             wait_seconds=settings.db_pool_timeout_seconds,
             on_error=on_error,
             statement_timeout_seconds=settings.db_statement_timeout_seconds,
+            prepare=settings.db_prepared_statements,
         )
 
     @asynccontextmanager
@@ -217,19 +368,16 @@ class IdentityTransactions:
         """
         async with self._pooled_connection() as pooled:
             connection: psycopg.AsyncConnection[Any] = pooled.driver_connection  # type: ignore[assignment]
-            transaction = Transaction(connection)
+            prepared = pooled.info.setdefault("prepared", {}) if self._prepare else None
+            transaction = Transaction(connection, prepared)
             try:
-                async with connection.pipeline():
-                    await connection.execute("BEGIN")
-                    identity = (self.app_role, user_id, self._statement_timeout)
-                    await connection.execute(IDENTITY_SQL, identity)
-                    yield transaction
-                    await connection.execute("COMMIT")
-                await transaction.collect()
+                transaction.begin((self.app_role, user_id, self._statement_timeout))
+                yield transaction
+                await transaction.commit()
             except BaseException as exc:
                 # Shielded: a cancelled request must still leave its connection clean.
                 with anyio.CancelScope(shield=True):
-                    await self._recover(pooled, connection, exc)
+                    await self._recover(pooled, connection, transaction, exc)
                 raise
 
     @asynccontextmanager
@@ -274,6 +422,7 @@ class IdentityTransactions:
         self,
         pooled: PoolProxiedConnection,
         connection: psycopg.AsyncConnection[Any],
+        transaction: Transaction,
         exc: BaseException,
     ) -> None:
         """Roll back, or drop the connection: nothing of this transaction may reach the next
@@ -285,6 +434,7 @@ class IdentityTransactions:
             # Cancelled mid-pipeline (a client gone, shutdown), the protocol state is unknown.
             if isinstance(exc, Exception) and not (connection.broken or connection.closed):
                 with suppress(psycopg.Error):
+                    await transaction.abandon()
                     if connection.info.transaction_status != TransactionStatus.IDLE:
                         await connection.execute("ROLLBACK")
                     idle = True

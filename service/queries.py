@@ -1,9 +1,9 @@
 """The task statements and the store that runs them.
 
 Each statement is a SQLModel query that filters by the owner, as the row-level security policy
-also does underneath. They are compiled to psycopg's SQL once, at import: a request only binds
-values. `TaskStore` runs them as the caller (service.db.IdentityTransactions): one round trip
-per request, two when an If-Match header must be checked against the locked row.
+also does underneath. They are compiled once, at import, with numbered parameters: a request
+only binds values. `TaskStore` runs them as the caller (service.db.IdentityTransactions): one
+round trip per request, two when an If-Match header must be checked against the locked row.
 
 PostgreSQL renders each task as the JSON clients get (`row_to_json` over exactly TaskPublic's
 fields, timestamps as RFC 3339 text in UTC), as PostgREST does: the service passes the text
@@ -13,7 +13,6 @@ through instead of building rows, validating and serializing them again in Pytho
 from functools import cache
 from typing import Any, NamedTuple
 
-from psycopg.rows import DictRow
 from sqlalchemy import (
     ColumnElement,
     Executable,
@@ -30,11 +29,12 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlmodel import delete, select, update
 
-from service.db import IdentityTransactions, Transaction
+from service.db import IdentityTransactions, Row, Statement, Transaction
 from service.errors import Problem
 from service.models import Task, TaskPublic, etag_of
 
-DIALECT = PGDialect_psycopg()
+# Numbered parameters, as libpq takes them (service.db.Transaction sends them).
+DIALECT = PGDialect_psycopg(paramstyle="numeric_dollar")
 TASK = Task.__table__  # type: ignore[attr-defined]
 EDITABLE = ("title", "description", "completed")
 TIMESTAMPS = ("created_at", "updated_at")
@@ -47,8 +47,9 @@ IS_OWNERS = Task.user_id == OWNER
 IS_THE_TASK = (Task.id == TASK_ID, IS_OWNERS)
 
 
-def compiled(statement: Executable) -> str:
-    return str(statement.compile(dialect=DIALECT))
+def compiled(statement: Executable) -> Statement:
+    sql = statement.compile(dialect=DIALECT)
+    return Statement(str(sql), tuple(sql.positiontup or ()))
 
 
 def utc_text(timestamp: ColumnElement[Any]) -> ColumnElement[str]:
@@ -89,7 +90,7 @@ DELETE = compiled(delete(Task).where(*IS_THE_TASK).returning(Task.id))
 
 
 @cache
-def update_sql(columns: tuple[str, ...]) -> str:
+def update_sql(columns: tuple[str, ...]) -> Statement:
     """UPDATE of exactly these columns (PUT keeps omitted fields), compiled once per set."""
     unknown = set(columns) - set(EDITABLE)
     if unknown:
@@ -124,18 +125,18 @@ class TaskStore:
     async def list(self) -> str:
         """The caller's tasks as a JSON array, newest first."""
         async with self._transactions.as_user(self.owner) as tx:
-            listed = await tx.queue(LIST, {"p_owner": self.owner})
+            listed = tx.queue(LIST, {"p_owner": self.owner})
         return "[" + ",".join(row["json"] for row in listed.rows) + "]"
 
     async def get(self, task_id: int) -> PublicTask | None:
         async with self._transactions.as_user(self.owner) as tx:
-            got = await tx.queue(GET, self._the_task(task_id))
+            got = tx.queue(GET, self._the_task(task_id))
         return first(got.rows)
 
     async def create(self, fields: dict[str, Any]) -> PublicTask:
         values = {f"p_{name}": fields[name] for name in EDITABLE}
         async with self._transactions.as_user(self.owner) as tx:
-            created = await tx.queue(CREATE, {"p_owner": self.owner, **values})
+            created = tx.queue(CREATE, {"p_owner": self.owner, **values})
         (row,) = created.rows  # INSERT … RETURNING returns the row it wrote
         return public_task(row)
 
@@ -147,14 +148,14 @@ class TaskStore:
         values = {f"p_{name}": value for name, value in changes.items()}
         async with self._transactions.as_user(self.owner) as tx:
             await self._check_if_match(tx, task_id, if_match)
-            updated = await tx.queue(sql, self._the_task(task_id) | values)
+            updated = tx.queue(sql, self._the_task(task_id) | values)
         return first(updated.rows)
 
     async def delete(self, task_id: int, if_match: str | None) -> bool:
         """Whether the caller had such a task (and now has not)."""
         async with self._transactions.as_user(self.owner) as tx:
             await self._check_if_match(tx, task_id, if_match)
-            deleted = await tx.queue(DELETE, self._the_task(task_id))
+            deleted = tx.queue(DELETE, self._the_task(task_id))
         return bool(deleted.rows)
 
     def _the_task(self, task_id: int) -> dict[str, Any]:
@@ -173,11 +174,11 @@ class TaskStore:
             raise Problem(412, "The task has changed since it was read; read it again.")
 
 
-def public_task(row: DictRow) -> PublicTask:
+def public_task(row: Row) -> PublicTask:
     return PublicTask(row["id"], row["json"].encode())
 
 
-def first(rows: list[DictRow]) -> PublicTask | None:
+def first(rows: list[Row]) -> PublicTask | None:
     return public_task(rows[0]) if rows else None
 
 

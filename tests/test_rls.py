@@ -307,8 +307,8 @@ async def fetch(conn: psycopg.AsyncConnection[Any], query: str) -> list[tuple[An
 def test_a_request_transaction_sees_only_its_users_rows_with_no_where(database, seeded):
     async def body(transactions: IdentityTransactions) -> tuple[Any, ...]:
         async with transactions.as_user("alice") as tx:
-            rows = await tx.queue("SELECT id FROM task")
-            state = await tx.queue(STATE)
+            rows = tx.queue("SELECT id FROM task")
+            state = tx.queue(STATE)
         return {row["id"] for row in rows.rows}, tuple(state.rows[0].values())
 
     ids, state = in_transactions(database, body)
@@ -323,7 +323,7 @@ def test_identity_and_role_end_with_the_request_transaction(database, seeded):
 
     async def body(transactions: IdentityTransactions) -> tuple[Any, Any]:
         async with transactions.as_user("alice") as tx:
-            during = await tx.queue(STATE)
+            during = tx.queue(STATE)
         async with transactions.engine.connect() as pooled:  # the pool's only connection
             raw = await pooled.get_raw_connection()
             driver: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
@@ -347,7 +347,7 @@ def test_the_identity_comes_before_anything_else_in_the_transaction(database, ad
 
     async def body(transactions: IdentityTransactions) -> None:
         async with transactions.as_user("alice") as tx:
-            await tx.queue("INSERT INTO task (title, user_id) VALUES ('sneaked', 'alice')")
+            tx.queue("INSERT INTO task (title, user_id) VALUES ('sneaked', 'alice')")
 
     with pytest.raises(psycopg.errors.InvalidParameterValue, match="does not exist"):
         in_transactions(database, body, app_db_role="no_such_role_anywhere")
@@ -360,14 +360,14 @@ def test_a_failed_request_transaction_rolls_back_and_its_connection_serves_the_n
     async def body(transactions: IdentityTransactions) -> Any:
         with pytest.raises(psycopg.errors.DivisionByZero):
             async with transactions.as_user("alice") as tx:
-                await tx.queue("INSERT INTO task (title, user_id) VALUES ('half', 'alice')")
-                await tx.queue("SELECT 1 / 0")
+                tx.queue("INSERT INTO task (title, user_id) VALUES ('half', 'alice')")
+                tx.queue("SELECT 1 / 0")
         with pytest.raises(RuntimeError, match="refused in the block"):
             async with transactions.as_user("alice") as tx:
-                await tx.queue("INSERT INTO task (title, user_id) VALUES ('late', 'alice')")
+                tx.queue("INSERT INTO task (title, user_id) VALUES ('late', 'alice')")
                 raise RuntimeError("refused in the block")
         async with transactions.as_user("bob") as tx:
-            state = await tx.queue(STATE)
+            state = tx.queue(STATE)
         return tuple(state.rows[0].values())
 
     current, _login, identity, _pid, _timeout = in_transactions(database, body)
@@ -391,11 +391,11 @@ def test_a_rollback_cut_short_by_cancellation_drops_the_connection(database, adm
         monkeypatch.setattr(psycopg.AsyncConnection, "execute", cancelled_at_rollback)
         with pytest.raises(asyncio.CancelledError):
             async with transactions.as_user("alice") as tx:
-                await tx.queue("INSERT INTO task (title, user_id) VALUES ('cut short', 'alice')")
+                tx.queue("INSERT INTO task (title, user_id) VALUES ('cut short', 'alice')")
                 before = await tx.read("SELECT pg_backend_pid() AS pid")
                 raise RuntimeError("the request failed after its write")
         async with transactions.as_user("bob") as tx:
-            state = await tx.queue(STATE)
+            state = tx.queue(STATE)
         return before[0]["pid"], tuple(state.rows[0].values())
 
     before, (current, _login, identity, pid, _timeout) = in_transactions(database, body)
@@ -411,7 +411,7 @@ def test_a_request_transaction_is_one_round_trip(database, tmp_path):
 
     async def body(transactions: IdentityTransactions) -> None:
         async with transactions.as_user("alice") as tx:
-            await tx.queue("SELECT 1")  # opens the pool's only connection first
+            tx.queue("SELECT 1")  # opens the pool's only connection first
         async with transactions.engine.connect() as pooled:
             raw = await pooled.get_raw_connection()
             driver: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
@@ -419,7 +419,7 @@ def test_a_request_transaction_is_one_round_trip(database, tmp_path):
             driver.pgconn.trace(trace.fileno())
             driver.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS)
             async with transactions.as_user("alice") as tx:
-                listed = await tx.queue("SELECT id FROM task")
+                listed = tx.queue("SELECT id FROM task")
             driver.pgconn.untrace()
         assert listed.rows == []
 
@@ -435,10 +435,12 @@ def test_a_request_transaction_is_one_round_trip(database, tmp_path):
 
 
 def test_every_task_statement_filters_by_the_owner():
-    for name, sql_text in {"list": LIST, "get": GET, "lock": LOCK, "delete": DELETE}.items():
-        assert "task.user_id = %(p_owner)s" in sql_text, name
-    assert "task.user_id = %(p_owner)s" in update_sql(("completed", "description", "title"))
-    assert "user_id" in CREATE and "%(p_owner)s" in CREATE
+    statements = {"list": LIST, "get": GET, "lock": LOCK, "delete": DELETE}
+    statements["update"] = update_sql(("completed", "description", "title"))
+    for name, statement in statements.items():
+        owner = f"${statement.names.index('p_owner') + 1}::VARCHAR"
+        assert f"task.user_id = {owner}" in statement.sql, name
+    assert "user_id" in CREATE.sql and "p_owner" in CREATE.names
 
 
 def test_requests_waiting_for_a_connection_get_one_in_the_order_they_asked(database):
@@ -453,7 +455,7 @@ def test_requests_waiting_for_a_connection_get_one_in_the_order_they_asked(datab
     async def request(name: str, transactions: IdentityTransactions) -> None:
         async with transactions.as_user(name) as tx:
             order.append(name)
-            await tx.queue("SELECT 1")
+            tx.queue("SELECT 1")
 
     async def body(transactions: IdentityTransactions) -> None:
         late: list[asyncio.Task[None]] = []
@@ -467,7 +469,7 @@ def test_requests_waiting_for_a_connection_get_one_in_the_order_they_asked(datab
             order.append("holder")
             waiting = [asyncio.create_task(request(n, transactions)) for n in ("a", "b", "c")]
             await asyncio.sleep(0.05)  # all three are queued behind the holder
-            await tx.queue("SELECT 1")
+            tx.queue("SELECT 1")
         await asyncio.gather(*waiting)
         await asyncio.gather(*late)
         assert late, "the checkin listener never ran"
@@ -504,7 +506,7 @@ def test_no_identity_leaks_across_requests_on_a_single_pooled_connection(
 
 async def backend_pid(transactions: IdentityTransactions) -> int:
     async with transactions.as_user("nobody") as tx:
-        queued = await tx.queue("SELECT pg_backend_pid() AS pid")
+        queued = tx.queue("SELECT pg_backend_pid() AS pid")
     return int(queued.rows[0]["pid"])
 
 
