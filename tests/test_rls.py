@@ -434,6 +434,72 @@ def test_a_request_transaction_is_one_round_trip(database, tmp_path):
     assert statements[1].startswith("SELECT set_config('role'")
 
 
+def test_prepared_statements_are_parsed_once_per_connection(database, seeded, tmp_path):
+    """With DB_PREPARED_STATEMENTS, a connection's later transactions send no Parse: BEGIN, the
+    identity, the statement and COMMIT run as statements the first transaction prepared, still
+    in one round trip, and still as the caller."""
+    trace_path = tmp_path / "libpq.trace"
+    the_task = {"p_task_id": seeded["alice"][0], "p_owner": "alice"}
+
+    async def body(transactions: IdentityTransactions) -> tuple[list[Any], list[Any]]:
+        async with transactions.as_user("alice") as tx:
+            first = tx.queue(GET, the_task)
+        async with transactions.engine.connect() as pooled:
+            raw = await pooled.get_raw_connection()
+            driver: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
+        with trace_path.open("w") as trace:
+            driver.pgconn.trace(trace.fileno())
+            driver.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS)
+            async with transactions.as_user("alice") as tx:
+                again = tx.queue(GET, the_task)
+                names = tx.queue("SELECT name FROM pg_prepared_statements")
+            driver.pgconn.untrace()
+        return [first.rows, again.rows], [row["name"] for row in names.rows]
+
+    (first, again), names = in_transactions(database, body, db_prepared_statements=True)
+    assert first == again and [row["id"] for row in again] == [seeded["alice"][0]]
+    messages = [line.split("\t") for line in trace_path.read_text().splitlines()]
+    sent = [fields[2] for fields in messages if fields[0] == "F"]
+    # The catalogue query is new to this connection, so it alone is parsed.
+    assert sent.count("Parse") == 1 and sent.count("Sync") == 1, messages
+    assert sent.count("Bind") == 5, messages  # BEGIN, identity, GET, the catalogue, COMMIT
+    assert len(names) == 5 and all(name.startswith("todo_api_") for name in names)
+
+
+def test_a_statement_whose_prepare_was_skipped_is_prepared_again(database, seeded):
+    """An error earlier in the pipeline makes the server skip the Parse queued behind it. The
+    statement must not be taken as prepared, or the connection's next use of it would fail."""
+    the_task = {"p_task_id": seeded["alice"][0], "p_owner": "alice"}
+
+    async def body(transactions: IdentityTransactions) -> list[Any]:
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            async with transactions.as_user("alice") as tx:
+                tx.queue("SELECT 1 / 0")
+                tx.queue(GET, the_task)
+        async with transactions.as_user("alice") as tx:
+            got = tx.queue(GET, the_task)
+        return got.rows
+
+    rows = in_transactions(database, body, db_prepared_statements=True)
+    assert [row["id"] for row in rows] == [seeded["alice"][0]]
+
+
+def test_a_prepared_statement_takes_values_of_every_integer_size(database, seeded):
+    """psycopg sends a small int as int2 and a large one as int8: each gets its own prepared
+    statement, so a task id past 2**31 is a miss, not a malformed value."""
+
+    async def body(transactions: IdentityTransactions) -> list[list[Any]]:
+        found = []
+        for task_id in (seeded["alice"][0], 2**40, seeded["alice"][0]):
+            async with transactions.as_user("alice") as tx:
+                got = tx.queue(GET, {"p_task_id": task_id, "p_owner": "alice"})
+            found.append([row["id"] for row in got.rows])
+        return found
+
+    found = in_transactions(database, body, db_prepared_statements=True)
+    assert found == [[seeded["alice"][0]], [], [seeded["alice"][0]]]
+
+
 def test_every_task_statement_filters_by_the_owner():
     statements = {"list": LIST, "get": GET, "lock": LOCK, "delete": DELETE}
     statements["update"] = update_sql(("completed", "description", "title"))
