@@ -7,11 +7,13 @@ One process, uvloop, 16 transactions in flight on 8 connections, reading one tas
 Prints the service's CPU per transaction (the best of three runs of 4,000) for:
 
 - `TaskStore.get`: what a GET runs, as the service runs it (the gate, SQLAlchemy's pool,
-  BEGIN + identity + statement + COMMIT in one psycopg pipeline, the JSON from PostgreSQL);
-- the same psycopg pipeline on connections held by the benchmark (no pool, no gate);
-- the same four statements sent through libpq directly (`psycopg.pq`, one flush, one Sync):
-  a lower bound for any driver, measured only. The service does not do this: psycopg's
-  pipeline is what it uses, and this line shows what that costs;
+  BEGIN + identity + statement + COMMIT in one libpq pipeline driven by service.db's
+  `Transaction`, the JSON from PostgreSQL);
+- the same `Transaction` on connections held by the benchmark (no pool, no gate);
+- psycopg's own pipeline mode on held connections: one `execute()` per statement, each sent
+  and polled on its own (what the service did before `Transaction`);
+- the same four statements through libpq with nothing around them (`psycopg.pq`, values
+  already bytes, rows not loaded): a lower bound for any driver;
 - the bare statement, no transaction and no identity (not something the service may do).
 
 CPU here is this process's only: PostgreSQL's is not counted. See bench/RESULTS.md.
@@ -34,7 +36,7 @@ import psycopg  # noqa: E402
 import uvloop  # noqa: E402
 from psycopg import pq  # noqa: E402
 
-from service.db import IDENTITY_SQL, IdentityTransactions  # noqa: E402
+from service.db import IDENTITY, IdentityTransactions, Statement, Transaction  # noqa: E402
 from service.queries import GET, TaskStore  # noqa: E402
 from service.settings import Settings, sqlalchemy_url  # noqa: E402
 from service.testing import migrated_database  # noqa: E402
@@ -79,10 +81,12 @@ def held(connections: list[Connection], use: Callable[[Connection], Awaitable[ob
     return call
 
 
-def numbered(sql: str, names: list[str]) -> bytes:
-    for n, name in enumerate(names, 1):
-        sql = sql.replace(f"%({name})s", f"${n}")
-    return sql.encode()
+def pyformat(statement: Statement) -> str:
+    """The statement as psycopg's execute() takes it: %(name)s for $n."""
+    sql = statement.sql
+    for n, name in reversed(list(enumerate(statement.names, 1))):  # $12 before $1
+        sql = sql.replace(f"${n}", f"%({name})s")
+    return sql
 
 
 async def measure(url: str, app_role: str) -> list[tuple[str, float]]:
@@ -99,18 +103,31 @@ async def measure(url: str, app_role: str) -> list[tuple[str, float]]:
         for _ in range(CONNECTIONS)
     ]
 
-    async def pipeline(connection: Connection) -> object:
+    identity_values = dict(zip(IDENTITY.names, identity, strict=True))
+
+    async def transaction(connection: Connection) -> object:
+        tx = Transaction(connection, prepared.setdefault(connection, {}))
+        try:
+            tx.begin(identity)
+            got = tx.queue(GET, the_task)
+            await tx.commit()
+        except BaseException:
+            await tx.abandon()
+            raise
+        return got.rows
+
+    prepared: dict[Connection, dict[Any, bytes]] = {}
+    identity_psycopg, get_psycopg = pyformat(IDENTITY), pyformat(GET)
+
+    async def psycopg_pipeline(connection: Connection) -> object:
         async with connection.pipeline():
             await connection.execute("BEGIN")
-            await connection.execute(IDENTITY_SQL, identity)
-            cursor = await connection.execute(GET, the_task)
+            await connection.execute(identity_psycopg, identity_values)
+            cursor = await connection.execute(get_psycopg, the_task)
             await connection.execute("COMMIT")
         return await cursor.fetchall()
 
-    identity_sql = IDENTITY_SQL.replace("%s", "$1", 1).replace("%s", "$2", 1)
-    identity_sql = identity_sql.replace("%s", "$3", 1).encode()
-    get_sql = numbered(GET, ["p_task_id", "p_owner"])
-    get_params = [str(task_id).encode(), USER.encode()]
+    get_params = [str(the_task[name]).encode() for name in GET.names]
     identity_params = [value.encode() for value in identity]
     loop = asyncio.get_running_loop()
 
@@ -119,8 +136,8 @@ async def measure(url: str, app_role: str) -> list[tuple[str, float]]:
         pgconn.enter_pipeline_mode()
         for sql, params in (
             (b"BEGIN", None),
-            (identity_sql, identity_params),
-            (get_sql, get_params),
+            (IDENTITY.sql.encode(), identity_params),
+            (GET.sql.encode(), get_params),
             (b"COMMIT", None),
         ):
             pgconn.send_query_params(sql, params)
@@ -148,7 +165,7 @@ async def measure(url: str, app_role: str) -> list[tuple[str, float]]:
                 loop.remove_reader(pgconn.socket)
 
     async def bare(connection: Connection) -> object:
-        cursor = await connection.execute(GET, the_task)
+        cursor = await connection.execute(get_psycopg, the_task)
         return await cursor.fetchall()
 
     try:
@@ -158,11 +175,15 @@ async def measure(url: str, app_role: str) -> list[tuple[str, float]]:
                 await cpu_ms_per_call(lambda: store.get(task_id)),
             ),
             (
-                "psycopg pipeline, held connections",
-                await cpu_ms_per_call(held(connections, pipeline)),
+                "service.db.Transaction, held connections",
+                await cpu_ms_per_call(held(connections, transaction)),
             ),
             (
-                "libpq pipeline via psycopg.pq (lower bound)",
+                "psycopg's pipeline mode, held connections",
+                await cpu_ms_per_call(held(connections, psycopg_pipeline)),
+            ),
+            (
+                "libpq alone via psycopg.pq (lower bound)",
                 await cpu_ms_per_call(held(connections, libpq)),
             ),
             ("bare statement, no transaction", await cpu_ms_per_call(held(connections, bare))),
