@@ -5,9 +5,7 @@ BENCH_VARIANTS (comma-separated) picks them:
 
 - `implicit-transaction`: no BEGIN and no COMMIT in the pipeline. The identity and the
   statement still run in one transaction, the implicit one that PostgreSQL opens for the
-  messages before a Sync and commits at the Sync: two statements fewer per request. Not
-  shippable as is: an If-Match check reads the locked row before the write, and that read's
-  Sync would end the transaction (and release the lock, and the identity) too early.
+  messages before a Sync and commits at the Sync: two statements fewer per request.
 - `no-request-middleware`: the request-log/metrics middleware (`RequestObserver`) removed. Not
   shippable (it is the access log, the metrics and the last guard against 500s): an upper bound
   for what it costs.
@@ -30,17 +28,12 @@ is: see bench/RESULTS.md.
 
 import gc
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
 
-import psycopg
 from fastapi import FastAPI, Request, Response
-from sqlalchemy.util import greenlet_spawn
 from starlette.routing import Route
 
 from service.app import create_app as real_create_app
-from service.db import IDENTITY_SQL, IdentityTransactions, Transaction
+from service.db import IDENTITY, Transaction
 from service.errors import Problem
 from service.observability import RequestObserver
 from service.queries import TaskStore
@@ -59,21 +52,15 @@ def _variants() -> set[str]:
     return {v.strip() for v in os.environ.get("BENCH_VARIANTS", "").split(",") if v.strip()}
 
 
-@asynccontextmanager
-async def _as_user_implicitly(
-    self: IdentityTransactions, user_id: str
-) -> AsyncIterator[Transaction]:
-    async with self._pooled_connection() as pooled:
-        connection: psycopg.AsyncConnection[Any] = pooled.driver_connection  # type: ignore[assignment]
-        transaction = Transaction(connection)
-        try:
-            async with connection.pipeline():
-                await connection.execute(IDENTITY_SQL, (self.app_role, user_id, "10s"))
-                yield transaction
-            await transaction.collect()
-        except BaseException:
-            await greenlet_spawn(pooled.invalidate)
-            raise
+def _begin_implicitly(self: Transaction, identity: tuple[str, str, str]) -> None:
+    self._pgconn.enter_pipeline_mode()
+    self._send(IDENTITY, dict(zip(IDENTITY.names, identity, strict=True)), expected=None)
+
+
+async def _commit_implicitly(self: Transaction) -> None:
+    await self._end_pipeline()
+    if self._error is not None:
+        raise self._error
 
 
 async def _raw_store(request: Request) -> TaskStore | Response:
@@ -108,7 +95,8 @@ def create_app() -> FastAPI:
     if unknown:
         raise ValueError(f"unknown BENCH_VARIANTS: {sorted(unknown)}")
     if "implicit-transaction" in variants:
-        IdentityTransactions.as_user = _as_user_implicitly  # type: ignore[method-assign,assignment]
+        Transaction.begin = _begin_implicitly  # type: ignore[method-assign]
+        Transaction.commit = _commit_implicitly  # type: ignore[method-assign]
     if "gc-off" in variants:
         gc.disable()
     if "gc-threshold" in variants:
