@@ -50,7 +50,8 @@ def connect_args(settings: Settings) -> dict[str, Any]:
         "keepalives_count": 3,
         "tcp_user_timeout": 30_000,
         # Behind PgBouncer in transaction mode, server-side prepared statements can land on
-        # another server connection; psycopg only prepares when this is not None.
+        # another server connection; psycopg only prepares when this is not None. (This covers
+        # what psycopg itself sends; request transactions prepare through Transaction.)
         "prepare_threshold": 5 if settings.db_prepared_statements else None,
     }
 
@@ -171,6 +172,13 @@ _prepared_names = itertools.count(1)
 Prepared = dict[tuple[bytes, tuple[int, ...]], bytes]
 
 
+def _is_answer(expected: object, status: ExecStatus) -> bool:
+    """Whether a result of this status is one that `expected` waits for."""
+    if expected is _SYNC:
+        return status == ExecStatus.PIPELINE_SYNC
+    return status in (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK)
+
+
 class Transaction:
     """A request's transaction, open as the application role and the caller.
 
@@ -265,10 +273,15 @@ class Transaction:
         await self._flush()
         while True:
             self._pgconn.consume_input()
+            ended = False  # the last get_result() ended a statement's results
             while self._expected and not self._pgconn.is_busy():
                 result = self._pgconn.get_result()
                 if result is None:
-                    continue  # the end of one statement's results
+                    if ended:  # libpq has nothing more for us, yet results are owed
+                        raise self._out_of_step()
+                    ended = True
+                    continue
+                ended = False
                 expected = self._expected.popleft()
                 self._take(expected, result)
                 if expected is until:
@@ -280,20 +293,41 @@ class Transaction:
     def _take(self, expected: object, result: PGresult) -> None:
         status = result.status
         if status == ExecStatus.FATAL_ERROR:
-            self._error = self._error or psycopg.errors.error_from_result(result, self._encoding)
+            self._fail(psycopg.errors.error_from_result(result, self._encoding))
+        elif status == ExecStatus.PIPELINE_ABORTED:
+            return  # skipped after an earlier error, which is the one raised
+        elif not _is_answer(expected, status):
+            self._fail(psycopg.InterfaceError(f"unexpected {status.name} result from the server"))
         elif isinstance(expected, Queued) and status == ExecStatus.TUPLES_OK:
             names = [result.fname(i).decode(self._encoding) for i in range(result.nfields)]
             self._adapt.set_pgresult(result)
             expected.rows = self._adapt.load_rows(
                 0, result.ntuples, lambda values: dict(zip(names, values, strict=True))
             )
-        elif isinstance(expected, _Prepare) and status == ExecStatus.COMMAND_OK:
+        elif isinstance(expected, _Prepare):
             assert self._prepared is not None
             self._prepared[expected.key] = expected.name
 
+    def _fail(self, error: psycopg.Error) -> None:
+        if isinstance(error, psycopg.errors.InvalidSqlStatementName) and self._prepared:
+            # A prepared statement vanished (a pooler's DISCARD ALL, a DBA's DEALLOCATE):
+            # this request fails, the connection's next ones prepare afresh.
+            self._prepared.clear()
+        self._error = self._error or error
+
+    def _out_of_step(self) -> psycopg.Error:
+        """The connection was lost or its stream corrupted: libpq then stops being busy for
+        good, and waiting for the results still owed would spin forever."""
+        reason = self._pgconn.error_message.decode(self._encoding, "replace").strip()
+        return psycopg.OperationalError(f"the database connection broke: {reason or 'no reason'}")
+
     async def _flush(self) -> None:
-        while self._pgconn.flush():  # 1: the socket took only part of it
-            await self._wait(writer=True)
+        """libpq's rule when the socket takes only part: wait until it can be read or written,
+        and read what the server sent meanwhile. Otherwise a server blocked sending a large
+        result and this side blocked sending a large statement would wait for each other."""
+        while self._pgconn.flush():
+            await self._wait(reader=True, writer=True)
+            self._pgconn.consume_input()
 
     async def _wait(self, *, reader: bool = False, writer: bool = False) -> None:
         loop = asyncio.get_running_loop()

@@ -6,8 +6,9 @@ on the owner: only the policies stand between one user and another's rows.
 """
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, TypeVar
 
 import psycopg
@@ -15,8 +16,9 @@ import pytest
 from psycopg import sql
 from psycopg.pq import Trace
 from sqlalchemy import event
+from sqlalchemy.engine import make_url
 
-from service.db import IdentityTransactions
+from service.db import IdentityTransactions, Statement
 from service.queries import CREATE, DELETE, GET, LIST, LOCK, update_sql
 from service.settings import sqlalchemy_url
 from service.testing import TestDatabase, app_client
@@ -405,7 +407,7 @@ def test_a_rollback_cut_short_by_cancellation_drops_the_connection(database, adm
         assert pid != before  # a new connection replaced the one the cancel cut short
 
 
-def test_a_request_transaction_is_one_round_trip(database, tmp_path):
+def test_a_request_transaction_is_one_round_trip(database, admin, tmp_path):
     """BEGIN, the identity, the statement and COMMIT are sent together, behind one Sync."""
     trace_path = tmp_path / "libpq.trace"
 
@@ -498,6 +500,108 @@ def test_a_prepared_statement_takes_values_of_every_integer_size(database, seede
 
     found = in_transactions(database, body, db_prepared_statements=True)
     assert found == [[seeded["alice"][0]], [], [seeded["alice"][0]]]
+
+
+def test_a_prepared_statement_that_vanished_is_prepared_afresh(database, seeded):
+    """A pooler's DISCARD ALL or a DBA's DEALLOCATE removes a connection's prepared statements.
+    The request that finds one gone fails; the connection's next requests prepare it again."""
+    the_task = {"p_task_id": seeded["alice"][0], "p_owner": "alice"}
+
+    async def body(transactions: IdentityTransactions) -> list[Any]:
+        async with transactions.as_user("alice") as tx:
+            tx.queue(GET, the_task)
+        async with transactions.engine.connect() as pooled:  # the pool's only connection
+            raw = await pooled.get_raw_connection()
+            driver: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
+            await driver.execute("DEALLOCATE ALL")
+        with pytest.raises(psycopg.errors.InvalidSqlStatementName):
+            async with transactions.as_user("alice") as tx:
+                tx.queue(GET, the_task)
+        async with transactions.as_user("alice") as tx:
+            got = tx.queue(GET, the_task)
+        return got.rows
+
+    rows = in_transactions(database, body, db_prepared_statements=True)
+    assert [row["id"] for row in rows] == [seeded["alice"][0]]
+
+
+def test_a_large_result_and_a_large_statement_in_one_pipeline_do_not_deadlock(database, admin):
+    """While this side is still writing a large statement, the server may be blocked writing a
+    large result back: the sender must read meanwhile, or each waits for the other."""
+    large = "y" * 20_000_000
+
+    async def body(transactions: IdentityTransactions) -> tuple[Any, Any]:
+        async with asyncio.timeout(20):  # stuck, it would last until tcp_user_timeout or forever
+            async with transactions.as_user("alice") as tx:
+                result = tx.queue("SELECT 20000000 AS n, repeat('x', 20000000)")
+                sent = tx.queue(Statement("SELECT length($1) AS n", ("text",)), {"text": large})
+        return result.rows[0]["n"], sent.rows[0]["n"]
+
+    assert in_transactions(database, body) == (20_000_000, 20_000_000)
+
+
+def test_a_corrupt_reply_breaks_the_connection_instead_of_hanging_the_worker(database, admin):
+    """libpq stops being busy for good once it finds the stream out of step; waiting for the
+    results still owed would spin on the event loop forever. A proxy corrupts one reply."""
+    outcome: list[BaseException | None] = []
+
+    async def body(transactions: IdentityTransactions) -> None:
+        server_url = make_url(database.url)
+
+        relays: list[asyncio.Task[Any]] = []
+
+        async def proxy(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+            relays.append(asyncio.current_task())  # type: ignore[arg-type]
+            server_r, server_w = await asyncio.open_connection(server_url.host, server_url.port)
+            marked = asyncio.Event()
+
+            async def to_server() -> None:
+                while data := await client_r.read(65536):
+                    if b"corrupt me" in data:
+                        marked.set()
+                    server_w.write(data)
+                    await server_w.drain()
+                server_w.close()
+
+            async def to_client() -> None:
+                try:
+                    while data := await server_r.read(65536):
+                        if marked.is_set():
+                            marked.clear()
+                            data = b"D\x00\x00\x00\x01" + data  # a DataRow too short
+                        client_w.write(data)
+                        await client_w.drain()
+                finally:
+                    client_w.close()
+
+            await asyncio.gather(to_server(), to_client(), return_exceptions=True)
+            for writer in (server_w, client_w):
+                writer.close()
+                with suppress(OSError):
+                    await writer.wait_closed()
+
+        listener = await asyncio.start_server(proxy, "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        settings = database.settings(db_pool_size=1, db_max_overflow=0)
+        url = sqlalchemy_url(database.url).set(port=port)
+        proxied = IdentityTransactions.from_settings(url, settings, database.app_role)
+        try:
+            async with proxied.as_user("alice") as tx:
+                tx.queue("SELECT 'corrupt me' AS text")
+            outcome.append(None)
+        except psycopg.Error as error:
+            outcome.append(error)
+        finally:
+            await proxied.dispose()
+            listener.close()
+            await asyncio.wait(relays, timeout=5)  # each ends once its client has gone
+
+    # In a thread: a spinning loop cannot be interrupted, only outlived.
+    worker = threading.Thread(target=in_transactions, args=(database, body), daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "the request never ended"
+    assert len(outcome) == 1 and isinstance(outcome[0], psycopg.OperationalError), outcome
 
 
 def test_every_task_statement_filters_by_the_owner():
