@@ -42,12 +42,15 @@ class Unauthorized(Problem):
         super().__init__(401, detail, headers={"WWW-Authenticate": challenge})
 
 
-# OperationalErrors from a database that answered: a timeout, a lock that could not be taken,
-# a serialization failure or deadlock. Still 503 with Retry-After, but not "cannot be reached".
+# Errors from a database that answered: a timeout, a lock that could not be taken, a
+# serialization failure or deadlock, a prepared statement that vanished from the connection (a
+# pooler's DISCARD ALL; the next request prepares it afresh). Still 503 with Retry-After, but
+# not "cannot be reached".
 DATABASE_BUSY = (
     psycopg.errors.QueryCanceled,
     psycopg.errors.LockNotAvailable,
     psycopg.errors.TransactionRollback,
+    psycopg.errors.InvalidSqlStatementName,
 )
 
 
@@ -143,6 +146,7 @@ def install_error_handlers(
     @app.exception_handler(OperationalError)
     @app.exception_handler(PoolTimeoutError)
     @app.exception_handler(psycopg.OperationalError)
+    @app.exception_handler(psycopg.errors.InvalidSqlStatementName)
     async def on_database_down(_: Request, exc: Exception) -> JSONResponse:
         problem = DatabaseUnavailable(retry_after)
         if isinstance(exc, DATABASE_BUSY):

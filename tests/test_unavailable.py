@@ -20,6 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 from psycopg import sql
 
+from service.db import IdentityTransactions
 from service.testing import TestDatabase, app_client, bearer, pgbouncer
 
 RECOVERY_SECONDS = 10  # behind a pooler: its 1 s server_login_retry, with a wide margin
@@ -203,3 +204,25 @@ def test_a_request_waiting_on_a_row_lock_gives_up_after_the_statement_timeout(
         # The bound is per transaction: the next request on the same pool is served.
         done = client.patch(f"/api/alice/tasks/{task_id}/complete", headers=bearer("alice"))
         assert done.status_code == 200 and done.json()["completed"] is True
+
+
+def test_a_prepared_statement_that_vanished_is_503_once_then_served(database, auth):
+    """A pooler's DISCARD ALL or a DBA's DEALLOCATE removes the connection's prepared statements:
+    the request that finds one gone is a 503 to retry, not a 500, and the next one is served."""
+    direct = dataclasses.replace(database, pooler_url=None)  # prepared statements need it
+    settings = direct.settings(db_prepared_statements=True, db_pool_size=1, db_max_overflow=0)
+    with app_client(settings) as client:
+        assert client.get("/api/alice/tasks", headers=auth("alice")).status_code == 200
+        client.portal.call(deallocate_all, client.app.state.transactions)
+        gone = client.get("/api/alice/tasks", headers=auth("alice"))
+        assert gone.status_code == 503, gone.text
+        assert gone.headers["retry-after"] and "try again" in gone.json()["detail"]
+        assert "todo_api_" not in gone.text and "SELECT" not in gone.text
+        assert client.get("/api/alice/tasks", headers=auth("alice")).status_code == 200
+
+
+async def deallocate_all(transactions: IdentityTransactions) -> None:
+    async with transactions.engine.connect() as pooled:  # the pool's only connection
+        raw = await pooled.get_raw_connection()
+        driver: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
+        await driver.execute("DEALLOCATE ALL")
