@@ -36,7 +36,8 @@ import psycopg  # noqa: E402
 import uvloop  # noqa: E402
 from psycopg import pq  # noqa: E402
 
-from service.db import IDENTITY, IdentityTransactions, Statement, Transaction  # noqa: E402
+from service.db import IDENTITY, IdentityTransactions  # noqa: E402
+from service.pipeline import Statement, Transaction  # noqa: E402
 from service.queries import GET, TaskStore  # noqa: E402
 from service.settings import Settings, sqlalchemy_url  # noqa: E402
 from service.testing import migrated_database  # noqa: E402
@@ -108,11 +109,11 @@ async def measure(url: str, app_role: str) -> list[tuple[str, float]]:
     async def transaction(connection: Connection) -> object:
         tx = Transaction(connection, prepared.setdefault(connection, {}))
         try:
-            tx.begin(identity)
+            tx.begin(IDENTITY, identity_values)
             got = tx.queue(GET, the_task)
             await tx.commit()
         except BaseException:
-            await tx.abandon()
+            await tx.discard()
             raise
         return got.rows
 

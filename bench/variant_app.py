@@ -28,14 +28,16 @@ is: see bench/RESULTS.md.
 
 import gc
 import os
+from collections.abc import Mapping
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from starlette.routing import Route
 
 from service.app import create_app as real_create_app
-from service.db import IDENTITY, Transaction
 from service.errors import Problem
 from service.observability import RequestObserver
+from service.pipeline import Statement, Transaction, _Awaited
 from service.queries import TaskStore
 from service.routes import task_response
 
@@ -52,9 +54,9 @@ def _variants() -> set[str]:
     return {v.strip() for v in os.environ.get("BENCH_VARIANTS", "").split(",") if v.strip()}
 
 
-def _begin_implicitly(self: Transaction, identity: tuple[str, str, str]) -> None:
+def _begin_implicitly(self: Transaction, first: Statement, params: Mapping[str, Any]) -> None:
     self._pgconn.enter_pipeline_mode()
-    self._send(IDENTITY, dict(zip(IDENTITY.names, identity, strict=True)), expected=None)
+    self._send(first, params, _Awaited.CHECKED)
 
 
 async def _commit_implicitly(self: Transaction) -> None:

@@ -4,27 +4,22 @@ This is the security-critical module. Every task request runs in one transaction
 by switching to the unprivileged application role and setting `app.current_user_id`, both
 transaction-local, in one statement with bound values (`IDENTITY`, which also bounds the
 transaction's statements with DB_STATEMENT_TIMEOUT_SECONDS). BEGIN, that statement,
-the request's own statements and COMMIT travel together in one libpq pipeline (`Transaction`):
-one round trip to the database, and nothing of the request can run before the identity is in
-place.
+the request's own statements and COMMIT travel together in one libpq pipeline
+(service.pipeline's `Transaction`): one round trip to the database, and nothing of the request
+can run before the identity is in place.
 """
 
 import asyncio
-import itertools
 import logging
 import select
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import psycopg
-from psycopg.adapt import PyFormat, Transformer
-from psycopg.pq import ExecStatus, PipelineStatus, TransactionStatus
-from psycopg.pq.abc import PGresult
+from psycopg.pq import TransactionStatus
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import InvalidatePoolError
@@ -33,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.util import await_, greenlet_spawn
 
+from service.pipeline import Statement, Transaction
 from service.settings import PROJECT_ROOT, Settings
 
 log = logging.getLogger(__name__)
@@ -78,8 +74,8 @@ def make_request_engine(url: URL, settings: Settings) -> AsyncEngine:
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout_seconds,
-        # BEGIN and COMMIT are sent by IdentityTransactions, inside its pipeline: psycopg's own
-        # implicit BEGIN would cost a round trip of its own.
+        # BEGIN and COMMIT are sent inside each request's pipeline (service.pipeline):
+        # psycopg's own implicit BEGIN would cost a round trip of its own.
         isolation_level="AUTOCOMMIT",
         # IdentityTransactions ends every transaction itself (COMMIT, ROLLBACK, or the
         # connection dropped), so the pool's own rollback on return would only repeat it.
@@ -133,222 +129,11 @@ def discard_if_closed_by_server(
         raise InvalidatePoolError("the server closed this pooled connection")
 
 
-Row = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Statement:
-    """SQL with numbered parameters ($1, $2, …) and the names of the values they take."""
-
-    sql: str
-    names: tuple[str, ...] = ()
-
-
-BEGIN = Statement("BEGIN")
-COMMIT = Statement("COMMIT")
 IDENTITY = Statement(
     "SELECT set_config('role', $1, true), set_config('app.current_user_id', $2, true),"
     " set_config('statement_timeout', $3, true)",
     ("role", "user_id", "statement_timeout"),
 )
-AUTO = PyFormat.AUTO
-
-
-@dataclass(eq=False)
-class Queued:
-    """A statement sent in a request transaction; `rows` is filled in once its result is in."""
-
-    rows: list[Row] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class _Prepare:
-    key: tuple[bytes, tuple[int, ...]]
-    name: bytes
-
-
-_SYNC = object()  # the end of the pipeline: the server's ReadyForQuery
-_prepared_names = itertools.count(1)
-Prepared = dict[tuple[bytes, tuple[int, ...]], bytes]
-
-
-def _is_answer(expected: object, status: ExecStatus) -> bool:
-    """Whether a result of this status is one that `expected` waits for."""
-    if expected is _SYNC:
-        return status == ExecStatus.PIPELINE_SYNC
-    return status in (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK)
-
-
-class Transaction:
-    """A request's transaction, open as the application role and the caller.
-
-    It drives the connection's libpq pipeline (`psycopg.pq`) itself: statements go into
-    libpq's output buffer as they are queued and leave in one write with the Sync, which is one
-    round trip and one wake-up of the server. psycopg's own pipeline sends and polls after every
-    `execute()`, one write per statement, which cost 60% of read throughput (bench/RESULTS.md).
-    psycopg still binds the values (`Transformer`), loads the rows and raises its own errors.
-    """
-
-    def __init__(self, connection: psycopg.AsyncConnection[Any], prepared: Prepared | None) -> None:
-        self._pgconn = connection.pgconn
-        self._encoding = connection.info.encoding
-        self._adapt = Transformer(connection)
-        self._prepared = prepared  # None: never prepare (a transaction pooler may be in between)
-        self._preparing: dict[tuple[bytes, tuple[int, ...]], bytes] = {}
-        self._expected: deque[Queued | _Prepare | object | None] = deque()
-        self._error: psycopg.Error | None = None
-
-    def begin(self, identity: tuple[str, str, str]) -> None:
-        """BEGIN and the identity, first in the pipeline: nothing queued can run before them."""
-        self._pgconn.enter_pipeline_mode()
-        self._send(BEGIN, None, expected=None)
-        self._send(IDENTITY, dict(zip(IDENTITY.names, identity, strict=True)), expected=None)
-
-    def queue(self, statement: Statement | str, params: Mapping[str, Any] | None = None) -> Queued:
-        """Send behind what is already queued, without waiting for the answer."""
-        queued = Queued()
-        self._send(
-            Statement(statement) if isinstance(statement, str) else statement, params, queued
-        )
-        return queued
-
-    async def read(
-        self, statement: Statement | str, params: Mapping[str, Any] | None = None
-    ) -> list[Row]:
-        """Send and wait for the rows now (one more round trip; the transaction stays open)."""
-        queued = self.queue(statement, params)
-        self._pgconn.send_flush_request()
-        await self._receive(until=queued)
-        return queued.rows
-
-    async def commit(self) -> None:
-        self._send(COMMIT, None, expected=None)
-        await self._end_pipeline()
-        if self._error is not None:
-            raise self._error
-
-    async def abandon(self) -> None:
-        """End the pipeline whatever is in it; the caller then rolls back what is left."""
-        if self._pgconn.pipeline_status != PipelineStatus.OFF:
-            await self._end_pipeline()
-
-    async def _end_pipeline(self) -> None:
-        if _SYNC not in self._expected:
-            self._pgconn.pipeline_sync()
-            self._expected.append(_SYNC)
-        await self._receive(until=_SYNC)
-        self._pgconn.exit_pipeline_mode()
-
-    def _send(
-        self, statement: Statement, params: Mapping[str, Any] | None, expected: Queued | None
-    ) -> None:
-        """Into libpq's output buffer; `expected` is what its result is for (None: checked only)."""
-        values = [params[name] for name in statement.names] if params else []
-        dumped = self._adapt.dump_sequence(values, [AUTO] * len(values))
-        types, formats = self._adapt.types, self._adapt.formats
-        sql = statement.sql.encode(self._encoding)
-        name = self._prepared_name(sql, types)
-        if name is None:
-            self._pgconn.send_query_params(sql, dumped, types, formats)
-        else:
-            self._pgconn.send_query_prepared(name, dumped, formats)
-        self._expected.append(expected)
-
-    def _prepared_name(self, sql: bytes, types: Sequence[int]) -> bytes | None:
-        """The server-side statement to run, prepared on this connection in this pipeline if
-        it was not yet. Values of other types (psycopg picks int2, int4 or int8 by value) get
-        a statement of their own, as in psycopg's own prepared statements."""
-        if self._prepared is None:
-            return None
-        key = (sql, tuple(types))
-        name = self._prepared.get(key) or self._preparing.get(key)
-        if name is None:
-            name = self._preparing[key] = f"todo_api_{next(_prepared_names)}".encode()
-            self._pgconn.send_prepare(name, sql, types)
-            self._expected.append(_Prepare(key, name))
-        return name
-
-    async def _receive(self, *, until: object) -> None:
-        """Read results up to `until`'s; raise the first error only once it is reached."""
-        await self._flush()
-        while True:
-            self._pgconn.consume_input()
-            ended = False  # the last get_result() ended a statement's results
-            while self._expected and not self._pgconn.is_busy():
-                result = self._pgconn.get_result()
-                if result is None:
-                    if ended:  # libpq has nothing more for us, yet results are owed
-                        raise self._out_of_step()
-                    ended = True
-                    continue
-                ended = False
-                expected = self._expected.popleft()
-                self._take(expected, result)
-                if expected is until:
-                    if self._error is not None and until is not _SYNC:
-                        raise self._error
-                    return
-            await self._wait(reader=True)
-
-    def _take(self, expected: object, result: PGresult) -> None:
-        status = result.status
-        if status == ExecStatus.FATAL_ERROR:
-            self._fail(psycopg.errors.error_from_result(result, self._encoding))
-        elif status == ExecStatus.PIPELINE_ABORTED:
-            return  # skipped after an earlier error, which is the one raised
-        elif not _is_answer(expected, status):
-            self._fail(psycopg.InterfaceError(f"unexpected {status.name} result from the server"))
-        elif isinstance(expected, Queued) and status == ExecStatus.TUPLES_OK:
-            names = [result.fname(i).decode(self._encoding) for i in range(result.nfields)]
-            self._adapt.set_pgresult(result)
-            expected.rows = self._adapt.load_rows(
-                0, result.ntuples, lambda values: dict(zip(names, values, strict=True))
-            )
-        elif isinstance(expected, _Prepare):
-            assert self._prepared is not None
-            self._prepared[expected.key] = expected.name
-
-    def _fail(self, error: psycopg.Error) -> None:
-        if isinstance(error, psycopg.errors.InvalidSqlStatementName) and self._prepared:
-            # A prepared statement vanished (a pooler's DISCARD ALL, a DBA's DEALLOCATE):
-            # this request fails, the connection's next ones prepare afresh.
-            self._prepared.clear()
-        self._error = self._error or error
-
-    def _out_of_step(self) -> psycopg.Error:
-        """The connection was lost or its stream corrupted: libpq then stops being busy for
-        good, and waiting for the results still owed would spin forever."""
-        reason = self._pgconn.error_message.decode(self._encoding, "replace").strip()
-        return psycopg.OperationalError(f"the database connection broke: {reason or 'no reason'}")
-
-    async def _flush(self) -> None:
-        """libpq's rule when the socket takes only part: wait until it can be read or written,
-        and read what the server sent meanwhile. Otherwise a server blocked sending a large
-        result and this side blocked sending a large statement would wait for each other."""
-        while self._pgconn.flush():
-            await self._wait(reader=True, writer=True)
-            self._pgconn.consume_input()
-
-    async def _wait(self, *, reader: bool = False, writer: bool = False) -> None:
-        loop = asyncio.get_running_loop()
-        ready = loop.create_future()
-
-        def wake() -> None:
-            if not ready.done():  # the loop may call again before this task runs
-                ready.set_result(None)
-
-        socket = self._pgconn.socket
-        if reader:
-            loop.add_reader(socket, wake)
-        if writer:
-            loop.add_writer(socket, wake)
-        try:
-            await ready
-        finally:
-            if reader:
-                loop.remove_reader(socket)
-            if writer:
-                loop.remove_writer(socket)
 
 
 class IdentityTransactions:
@@ -405,7 +190,8 @@ class IdentityTransactions:
             prepared = pooled.info.setdefault("prepared", {}) if self._prepare else None
             transaction = Transaction(connection, prepared)
             try:
-                transaction.begin((self.app_role, user_id, self._statement_timeout))
+                identity = (self.app_role, user_id, self._statement_timeout)
+                transaction.begin(IDENTITY, dict(zip(IDENTITY.names, identity, strict=True)))
                 yield transaction
                 await transaction.commit()
             except BaseException as exc:
@@ -468,7 +254,7 @@ class IdentityTransactions:
             # Cancelled mid-pipeline (a client gone, shutdown), the protocol state is unknown.
             if isinstance(exc, Exception) and not (connection.broken or connection.closed):
                 with suppress(psycopg.Error):
-                    await transaction.abandon()
+                    await transaction.discard()
                     if connection.info.transaction_status != TransactionStatus.IDLE:
                         await connection.execute("ROLLBACK")
                     idle = True

@@ -29,9 +29,10 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlmodel import delete, select, update
 
-from service.db import IdentityTransactions, Row, Statement, Transaction
+from service.db import IdentityTransactions
 from service.errors import Problem
 from service.models import Task, TaskPublic, etag_of
+from service.pipeline import Row, Statement, Transaction
 
 # Numbered parameters, as libpq takes them (service.db.Transaction sends them).
 DIALECT = PGDialect_psycopg(paramstyle="numeric_dollar")

@@ -18,7 +18,8 @@ from psycopg.pq import Trace
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
-from service.db import IdentityTransactions, Statement
+from service.db import IdentityTransactions
+from service.pipeline import Statement
 from service.queries import CREATE, DELETE, GET, LIST, LOCK, update_sql
 from service.settings import sqlalchemy_url
 from service.testing import TestDatabase, app_client
@@ -552,7 +553,9 @@ def test_a_corrupt_reply_breaks_the_connection_instead_of_hanging_the_worker(dat
 
         async def proxy(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
             relays.append(asyncio.current_task())  # type: ignore[arg-type]
-            server_r, server_w = await asyncio.open_connection(server_url.host, server_url.port)
+            server_r, server_w = await asyncio.open_connection(
+                server_url.host or "127.0.0.1", server_url.port or 5432
+            )
             marked = asyncio.Event()
 
             async def to_server() -> None:
@@ -602,6 +605,39 @@ def test_a_corrupt_reply_breaks_the_connection_instead_of_hanging_the_worker(dat
     worker.join(timeout=30)
     assert not worker.is_alive(), "the request never ended"
     assert len(outcome) == 1 and isinstance(outcome[0], psycopg.OperationalError), outcome
+
+
+def test_an_empty_statement_is_refused_before_anything_is_sent(database, admin):
+    """The server answers an empty statement with no error, so a COMMIT behind it would commit
+    what came before: it is refused before it is queued, and the transaction rolls back."""
+
+    async def body(transactions: IdentityTransactions) -> tuple[Any, ...]:
+        with pytest.raises(ValueError, match="empty"):
+            async with transactions.as_user("alice") as tx:
+                tx.queue("INSERT INTO task (title, user_id) VALUES ('half', 'alice')")
+                tx.queue("  ")
+        async with transactions.as_user("bob") as tx:
+            state = tx.queue(STATE)
+        return tuple(state.rows[0].values())
+
+    current, _login, identity, _pid, _timeout = in_transactions(database, body)
+    assert (current, identity) == (database.app_role, "bob")
+    assert owner_rows(admin) == []
+
+
+def test_values_must_match_the_statements_parameters(database):
+    """A value the statement does not name, or a name with no value, is refused before anything
+    is sent, rather than left for the server to reject with a confusing count."""
+
+    async def body(transactions: IdentityTransactions) -> None:
+        with pytest.raises(TypeError, match="without parameters"):
+            async with transactions.as_user("alice") as tx:
+                tx.queue("SELECT 1", {"stray": 1})
+        with pytest.raises(KeyError, match="p_owner"):
+            async with transactions.as_user("alice") as tx:
+                tx.queue(GET, {"p_task_id": 1})
+
+    in_transactions(database, body)
 
 
 def test_every_task_statement_filters_by_the_owner():
