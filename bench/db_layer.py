@@ -7,8 +7,8 @@ One process, uvloop, 16 transactions in flight on 8 connections, reading one tas
 Prints the service's CPU per transaction (the best of three runs of 4,000) for:
 
 - `TaskStore.get`: what a GET runs, as the service runs it (the gate, SQLAlchemy's pool,
-  BEGIN + identity + statement + COMMIT in one libpq pipeline driven by service.db's
-  `Transaction`, the JSON from PostgreSQL);
+  BEGIN + identity + statement + COMMIT in one libpq pipeline driven by
+  service.pipeline's `Transaction`, the JSON from PostgreSQL);
 - the same `Transaction` on connections held by the benchmark (no pool, no gate);
 - psycopg's own pipeline mode on held connections: one `execute()` per statement, each sent
   and polled on its own (what the service did before `Transaction`);
@@ -176,7 +176,7 @@ async def measure(url: str, app_role: str) -> list[tuple[str, float]]:
                 await cpu_ms_per_call(lambda: store.get(task_id)),
             ),
             (
-                "service.db.Transaction, held connections",
+                "service.pipeline.Transaction, held connections",
                 await cpu_ms_per_call(held(connections, transaction)),
             ),
             (
