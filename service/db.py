@@ -190,8 +190,14 @@ class IdentityTransactions:
             prepared = pooled.info.setdefault("prepared", {}) if self._prepare else None
             transaction = Transaction(connection, prepared)
             try:
-                identity = (self.app_role, user_id, self._statement_timeout)
-                transaction.begin(IDENTITY, dict(zip(IDENTITY.names, identity, strict=True)))
+                transaction.begin(
+                    IDENTITY,
+                    {
+                        "role": self.app_role,
+                        "user_id": user_id,
+                        "statement_timeout": self._statement_timeout,
+                    },
+                )
                 yield transaction
                 await transaction.commit()
             except BaseException as exc:

@@ -34,7 +34,7 @@ from service.errors import Problem
 from service.models import Task, TaskPublic, etag_of
 from service.pipeline import Row, Statement, Transaction
 
-# Numbered parameters, as libpq takes them (service.db.Transaction sends them).
+# Numbered parameters, as libpq takes them (service.pipeline.Transaction sends them).
 DIALECT = PGDialect_psycopg(paramstyle="numeric_dollar")
 TASK = Task.__table__  # type: ignore[attr-defined]
 EDITABLE = ("title", "description", "completed")
