@@ -378,6 +378,51 @@ def test_a_failed_request_transaction_rolls_back_and_its_connection_serves_the_n
     assert owner_rows(admin) == []
 
 
+@pytest.mark.parametrize("overflow", [0, 1])
+def test_returned_connections_stay_pooled_and_overflow_ones_are_closed(database, overflow):
+    """A connection goes back to the pool without a greenlet hand-off when the pool cannot
+    overflow; an overflow connection is closed on its return (which awaits the driver)."""
+    settings = database.settings(db_pool_size=1, db_max_overflow=overflow)
+
+    async def app_connections() -> int:
+        async with await psycopg.AsyncConnection.connect(database.url) as admin:
+            cursor = await admin.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = %s AND application_name = 'todo-api'",
+                (database.name,),
+            )
+            row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def hold(transactions: IdentityTransactions, entered: asyncio.Event) -> None:
+        async with transactions.as_user("alice") as tx:
+            entered.set()
+            await tx.read("SELECT pg_sleep(0.2)")
+
+    async def run() -> tuple[int, int, int]:
+        transactions = IdentityTransactions.from_settings(
+            sqlalchemy_url(database.url), settings, database.app_role
+        )
+        try:
+            events = [asyncio.Event() for _ in range(1 + overflow)]
+            held = [asyncio.create_task(hold(transactions, e)) for e in events]
+            await asyncio.gather(*(e.wait() for e in events))
+            during = await app_connections()
+            await asyncio.gather(*held)
+            after = await app_connections()
+            async with transactions.as_user("bob") as tx:
+                tx.queue("SELECT 1")
+            return during, after, transactions.engine.pool.checkedin()
+        finally:
+            await transactions.dispose()
+
+    during, after, idle = asyncio.run(run())
+    if not database.pooled:
+        assert (during, after) == (1 + overflow, 1)
+    assert idle == 1
+
+
 def test_a_rollback_cut_short_by_cancellation_drops_the_connection(database, admin, monkeypatch):
     """A plain asyncio cancel can land during the ROLLBACK of a failed request (uvicorn's
     shutdown timeout cancels that way, and anyio's shield does not stop it). The connection,
