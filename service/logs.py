@@ -10,6 +10,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 
+# One encoder for every line: json.dumps with an argument builds a new one per call.
+encode_json = json.JSONEncoder(default=str).encode
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -19,7 +23,7 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         entry |= getattr(record, "fields", {})
-        return json.dumps(entry, default=str)
+        return encode_json(entry)
 
 
 class TextFormatter(logging.Formatter):

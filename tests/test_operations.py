@@ -56,13 +56,24 @@ def test_unmatched_paths_do_not_grow_the_route_label(client, caplog):
     assert record.fields["route"] == "unmatched"
 
 
+def sample(body: str, series: str) -> float:
+    """The value of one series in the Prometheus text format (0 when absent)."""
+    for line in body.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def test_metrics_count_requests_and_latency_per_route_and_status(client, auth):
-    client.get("/api/alice/tasks", headers=auth("alice"))
-    client.get("/api/alice/tasks", headers=auth("bob"))
-    body = client.get("/metrics").text
     ok = 'method="GET",route="/api/{user_id}/tasks",status="200"'
     forbidden = 'method="GET",route="/api/{user_id}/tasks",status="403"'
-    assert f"todo_http_requests_total{{{ok}}}" in body
+    before = sample(client.get("/metrics").text, f"todo_http_requests_total{{{ok}}}")
+    for _ in range(3):
+        client.get("/api/alice/tasks", headers=auth("alice"))
+    client.get("/api/alice/tasks", headers=auth("bob"))
+    body = client.get("/metrics").text
+    assert sample(body, f"todo_http_requests_total{{{ok}}}") == before + 3
+    assert f"todo_http_requests_total{{{forbidden}}}" in body
     assert f"todo_http_requests_total{{{forbidden}}}" in body
     assert f'todo_http_request_duration_seconds_bucket{{le="0.1",{ok}}}' in body
     assert 'todo_db_pool_connections{state="in_use"}' in body
