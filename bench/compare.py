@@ -11,8 +11,10 @@ rounds for req/s, p50, p99 and the service's CPU ms per request, and req/s relat
 first configuration.
 
 A configuration is space-separated tokens: `workers=N`, `loop=asyncio|uvloop`, `server=granian`,
-`http=h11|httptools`, `variant=NAME` (repeatable, see variant_app.py), and any service setting
-as `UPPER_CASE=value` (e.g. `DB_PREPARED_STATEMENTS=true`).
+`http=h11|httptools`, `variant=NAME` (repeatable, see variant_app.py), `tree=PATH` (another
+checkout of the project, with its own .venv: `git worktree add /tmp/base <commit>`, then
+`python3 -c "import dev; dev.ensure_installed()"` there; compares commits in one run), and any
+service setting as `UPPER_CASE=value` (e.g. `DB_PREPARED_STATEMENTS=true`).
 """
 
 import argparse
@@ -48,6 +50,10 @@ def parse_config(spec: str) -> run.ServiceConfig:
             setattr(config, key, value)
         elif key == "variant":
             variants.append(value)
+        elif key == "tree":
+            config.tree = Path(value).resolve()
+            if not (config.tree / ".venv" / "bin" / "todo-api").exists():
+                raise SystemExit(f"compare: {value} has no .venv with todo-api installed")
         elif key.isupper():
             config.env[key] = value
         else:

@@ -108,6 +108,8 @@ class ServiceConfig:
     server: str = "uvicorn"
     env: dict[str, str] = field(default_factory=dict)
     variants: tuple[str, ...] = ()
+    # Another checkout with its own .venv (bench/compare.py's `tree=`): its code, same run.
+    tree: Path | None = None
 
     @property
     def via_serve(self) -> bool:
@@ -125,6 +127,8 @@ class ServiceConfig:
         if self.variants:
             text = f"[{'+'.join(self.variants)}] {text}"
         extra = " ".join(f"{k}={v}" for k, v in sorted(self.env.items()))
+        if self.tree is not None:
+            text = f"{text} (tree {self.tree})"
         return f"{extra} {text}".strip()
 
 
@@ -136,18 +140,22 @@ class Service:
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"{name}.log"
         bin_dir = Path(sys.executable).parent
+        bench_dir = BENCH
+        if config.tree is not None:
+            bin_dir, bench_dir = config.tree / ".venv" / "bin", config.tree / "bench"
+        python = str(bin_dir / "python")
         if config.via_serve:
             command = [str(bin_dir / "todo-api"), "serve"]
         elif config.server == "granian":  # pip install granian: measured, not a dependency
             app = "variant_app:create_app" if config.variants else "service.app:create_app"
             command = [str(bin_dir / "granian"), "--interface", "asgi", "--factory", app]
-            command += ["--loop", "uvloop", "--working-dir", str(BENCH), "--no-ws"]
+            command += ["--loop", "uvloop", "--working-dir", str(bench_dir), "--no-ws"]
             command += ["--host", "127.0.0.1", "--port", str(self.port)]
             command += ["--workers", str(config.workers)]
         else:
             app = "variant_app:create_app" if config.variants else "service.app:create_app"
-            command = [sys.executable, "-m", "uvicorn", app, "--factory", "--no-access-log"]
-            command += ["--loop", config.loop, "--http", config.http, "--app-dir", str(BENCH)]
+            command = [python, "-m", "uvicorn", app, "--factory", "--no-access-log"]
+            command += ["--loop", config.loop, "--http", config.http, "--app-dir", str(bench_dir)]
             command += ["--log-level", env.get("LOG_LEVEL", "info").lower()]
         if config.server != "granian":
             command += ["--host", "127.0.0.1", "--port", str(self.port)]
