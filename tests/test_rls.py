@@ -379,9 +379,12 @@ def test_a_failed_request_transaction_rolls_back_and_its_connection_serves_the_n
 
 
 @pytest.mark.parametrize("overflow", [0, 1])
-def test_returned_connections_stay_pooled_and_overflow_ones_are_closed(database, overflow):
+def test_returned_connections_stay_pooled_and_overflow_ones_are_closed(
+    fresh_database: TestDatabase, overflow: int
+):
     """A connection goes back to the pool without a greenlet hand-off when the pool cannot
     overflow; an overflow connection is closed on its return (which awaits the driver)."""
+    database = fresh_database  # no other app's pool on it
     settings = database.settings(db_pool_size=1, db_max_overflow=overflow)
 
     async def app_connections() -> int:
