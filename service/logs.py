@@ -9,7 +9,6 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-
 # One encoder for every line: json.dumps with an argument builds a new one per call.
 encode_json = json.JSONEncoder(default=str).encode
 
