@@ -25,7 +25,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import InvalidatePoolError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool, reset_none
 from sqlalchemy.util import await_, greenlet_spawn
 
 from service.pipeline import Statement, Transaction
@@ -109,6 +109,18 @@ def _retry_connects(engine: Engine, *, attempts: int, sleep: Callable[[float], N
         raise AssertionError("unreachable")
 
 
+def returns_without_io(engine: AsyncEngine) -> bool:
+    """Whether a connection going back to `engine`'s pool is only put into its queue: a
+    queue pool that cannot overflow (an overflow connection is closed on return) and does not
+    reset on return. SQLAlchemy keeps both settings private; unknown means no."""
+    pool = engine.sync_engine.pool
+    return (
+        isinstance(pool, QueuePool)
+        and getattr(pool, "_max_overflow", None) == 0
+        and getattr(pool, "_reset_on_return", None) is reset_none
+    )
+
+
 def discard_if_closed_by_server(
     _dbapi_connection: Any, _record: ConnectionPoolEntry, proxy: PoolProxiedConnection
 ) -> None:
@@ -149,10 +161,7 @@ class IdentityTransactions:
         on_error: Callable[[BaseException], None] | None = None,
         statement_timeout_seconds: float = 0,
         prepare: bool = False,
-        overflow: bool = True,
     ) -> None:
-        """`overflow`: whether `engine`'s pool may open connections beyond its size (then
-        closed on return); the request engine's pool never resets on return."""
         self.engine = engine
         self.app_role = app_role
         self._on_error = on_error
@@ -161,7 +170,7 @@ class IdentityTransactions:
         self._gate = asyncio.Semaphore(connections)
         self._wait_seconds = wait_seconds
         self._prepare = prepare
-        self._overflow = overflow
+        self._return_without_io = returns_without_io(engine)
 
     @classmethod
     def from_settings(
@@ -179,7 +188,6 @@ class IdentityTransactions:
             on_error=on_error,
             statement_timeout_seconds=settings.db_statement_timeout_seconds,
             prepare=settings.db_prepared_statements,
-            overflow=settings.db_max_overflow > 0,
         )
 
     @asynccontextmanager
@@ -239,7 +247,7 @@ class IdentityTransactions:
         read's CPU, bench/RESULTS.md). An overflow connection is closed instead, which awaits
         the driver: with overflow allowed the return runs in greenlet_spawn, shielded from
         anyio's cancellation so that it is not cut short half-way."""
-        if not self._overflow:
+        if self._return_without_io:
             pooled.close()
             return
         with anyio.CancelScope(shield=True):

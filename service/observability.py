@@ -31,6 +31,7 @@ log = logging.getLogger("service")
 access_log = logging.getLogger("service.access")
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -89,6 +90,8 @@ class Metrics:
         self.db_errors.labels(kind=type(error).__name__).inc()
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        if method not in HTTP_METHODS:
+            method = "OTHER"  # h11 passes any token as a method: no series per made-up one
         series = self._series.get((method, route, status))
         if series is None:
             labels = (method, route, str(status))

@@ -67,17 +67,27 @@ def sample(body: str, series: str) -> float:
 def test_metrics_count_requests_and_latency_per_route_and_status(client, auth):
     ok = 'method="GET",route="/api/{user_id}/tasks",status="200"'
     forbidden = 'method="GET",route="/api/{user_id}/tasks",status="403"'
-    before = sample(client.get("/metrics").text, f"todo_http_requests_total{{{ok}}}")
+    first = client.get("/metrics").text
+    before = sample(first, f"todo_http_requests_total{{{ok}}}")
+    timed = sample(first, f"todo_http_request_duration_seconds_count{{{ok}}}")
     for _ in range(3):
         client.get("/api/alice/tasks", headers=auth("alice"))
     client.get("/api/alice/tasks", headers=auth("bob"))
     body = client.get("/metrics").text
     assert sample(body, f"todo_http_requests_total{{{ok}}}") == before + 3
-    assert f"todo_http_requests_total{{{forbidden}}}" in body
+    assert sample(body, f"todo_http_request_duration_seconds_count{{{ok}}}") == timed + 3
     assert f"todo_http_requests_total{{{forbidden}}}" in body
     assert f'todo_http_request_duration_seconds_bucket{{le="0.1",{ok}}}' in body
     assert 'todo_db_pool_connections{state="in_use"}' in body
     assert 'todo_db_pool_connections{state="idle"}' in body
+
+
+def test_made_up_methods_share_one_metrics_series(client, auth):
+    for method in ("BREW", "WHEN"):
+        client.request(method, "/api/alice/tasks", headers=auth("alice"))
+    body = client.get("/metrics").text
+    assert 'method="OTHER",route="/api/{user_id}/tasks"' in body
+    assert "BREW" not in body and "WHEN" not in body
 
 
 def test_metrics_count_database_errors_by_kind(client):

@@ -6,6 +6,7 @@ on the owner: only the policies stand between one user and another's rows.
 """
 
 import asyncio
+import logging
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -17,8 +18,9 @@ from psycopg import sql
 from psycopg.pq import Trace
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
 
-from service.db import IdentityTransactions
+from service.db import IdentityTransactions, returns_without_io
 from service.pipeline import Statement
 from service.queries import CREATE, DELETE, GET, LIST, LOCK, update_sql
 from service.settings import sqlalchemy_url
@@ -380,12 +382,21 @@ def test_a_failed_request_transaction_rolls_back_and_its_connection_serves_the_n
 
 @pytest.mark.parametrize("overflow", [0, 1])
 def test_returned_connections_stay_pooled_and_overflow_ones_are_closed(
-    fresh_database: TestDatabase, overflow: int
+    fresh_database: TestDatabase,
+    overflow: int,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ):
     """A connection goes back to the pool without a greenlet hand-off when the pool cannot
     overflow; an overflow connection is closed on its return (which awaits the driver)."""
-    database = fresh_database  # no other app's pool on it
+    database = fresh_database  # no other app's pool on it; connected to directly below
     settings = database.settings(db_pool_size=1, db_max_overflow=overflow)
+    if not overflow:
+
+        def no_hand_off(*_args: Any) -> Any:
+            raise AssertionError("a greenlet hand-off on a plain return")
+
+        monkeypatch.setattr("service.db.greenlet_spawn", no_hand_off)
 
     async def app_connections() -> int:
         async with await psycopg.AsyncConnection.connect(database.url) as admin:
@@ -420,10 +431,20 @@ def test_returned_connections_stay_pooled_and_overflow_ones_are_closed(
         finally:
             await transactions.dispose()
 
-    during, after, idle = asyncio.run(run())
-    if not database.pooled:
-        assert (during, after) == (1 + overflow, 1)
-    assert idle == 1
+    with caplog.at_level(logging.ERROR, logger="sqlalchemy.pool"):
+        during, after, idle = asyncio.run(run())
+    assert (during, after, idle) == (1 + overflow, 1, 1)
+    assert not caplog.records  # e.g. "Exception closing connection": a close that failed
+
+
+def test_only_a_pool_that_neither_overflows_nor_resets_takes_connections_back_without_io():
+    url = "postgresql+psycopg://nobody@127.0.0.1:1/none"  # engines connect lazily: never here
+    plain = create_async_engine(url, max_overflow=0, pool_reset_on_return=None)
+    overflowing = create_async_engine(url, max_overflow=1, pool_reset_on_return=None)
+    resetting = create_async_engine(url, max_overflow=0)  # rolls back on return
+    assert returns_without_io(plain)
+    assert not returns_without_io(overflowing)
+    assert not returns_without_io(resetting)
 
 
 def test_a_rollback_cut_short_by_cancellation_drops_the_connection(database, admin, monkeypatch):
