@@ -24,6 +24,7 @@ import os
 import secrets
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 from dataclasses import asdict
@@ -39,6 +40,23 @@ sys.path.insert(0, str(BENCH))
 import run  # noqa: E402
 
 
+def checked_tree(tree: Path) -> Path:
+    """A checkout whose own .venv imports its own `service` (a copied .venv would not)."""
+    python = tree / ".venv" / "bin" / "python"
+    if not (tree / ".venv" / "bin" / "todo-api").exists():
+        raise SystemExit(f"compare: {tree} has no .venv with todo-api installed")
+    where = subprocess.run(  # noqa: S603 (that checkout's own interpreter)
+        [str(python), "-c", "import service; print(service.__file__)"],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if not Path(where).resolve().is_relative_to(tree):
+        raise SystemExit(f"compare: {tree}/.venv imports service from {where}, not from the tree")
+    return tree
+
+
 def parse_config(spec: str) -> run.ServiceConfig:
     config = run.ServiceConfig(workers=2)
     variants: list[str] = []
@@ -51,9 +69,7 @@ def parse_config(spec: str) -> run.ServiceConfig:
         elif key == "variant":
             variants.append(value)
         elif key == "tree":
-            config.tree = Path(value).resolve()
-            if not (config.tree / ".venv" / "bin" / "todo-api").exists():
-                raise SystemExit(f"compare: {value} has no .venv with todo-api installed")
+            config.tree = checked_tree(Path(value).resolve())
         elif key.isupper():
             config.env[key] = value
         else:
