@@ -10,8 +10,6 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING
 
-import jwt
-import psycopg
 import uvicorn
 
 from service import embedded
@@ -112,6 +110,8 @@ def migrate_command(settings: Settings, wait_seconds: float) -> int:
 
 def wait_for_database(url: str, wait_seconds: float, connect_timeout: int = 5) -> None:
     """A waking Neon compute takes a moment: retry with backoff until the deadline."""
+    import psycopg
+
     libpq_url = sqlalchemy_url(url).set(drivername="postgresql").render_as_string(False)
     deadline = time.monotonic() + wait_seconds
     delay = 0.25
@@ -143,6 +143,8 @@ def token_command(settings: Settings, user_id: str, ttl: int) -> int:
         claims["iss"] = settings.jwt_issuer
     if settings.jwt_audience:
         claims["aud"] = settings.jwt_audience
+    import jwt
+
     print(jwt.encode(claims, secret, algorithm="HS256"))
     return 0
 

