@@ -6,10 +6,13 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
+import fastapi.routing
 import pytest
+from fastapi.routing import APIRoute
 from psycopg import sql
 
 from service.models import TaskPublic
+from service.routes import TaskRoute
 from service.testing import app_client
 
 ALICE, BOB = "alice", "bob"
@@ -487,3 +490,84 @@ def test_hostile_paths_are_4xx(client, auth, path):
     response = client.get(path, headers=auth(ALICE))
     assert 400 <= response.status_code < 500
     assert response.headers["content-type"] == "application/problem+json"
+
+
+# --- reads without FastAPI's dependency solving (service.routes.TaskRoute) ------------------
+
+
+@pytest.fixture
+def solved(monkeypatch) -> list[str]:
+    """The paths for which FastAPI solved dependencies, while the fixture lasts."""
+    paths: list[str] = []
+    solve = fastapi.routing.solve_dependencies
+
+    async def counted(*, request: Any, **kwargs: Any) -> Any:
+        paths.append(request.url.path)
+        return await solve(request=request, **kwargs)
+
+    monkeypatch.setattr(fastapi.routing, "solve_dependencies", counted)
+    return paths
+
+
+def test_valid_reads_skip_fastapis_dependency_solving_and_the_rest_do_not(
+    client, create_task, auth, solved
+):
+    task = create_task(ALICE, "mine")
+    solved.clear()  # the create's
+    one = client.get(f"/api/alice/tasks/{task['id']}", headers=auth(ALICE))
+    listed = client.get("/api/alice/tasks", headers=auth(ALICE))
+    assert (one.status_code, one.json()) == (200, task)
+    assert (listed.status_code, listed.json()) == (200, [task])
+    assert solved == []
+
+    assert client.get("/api/alice/tasks/0", headers=auth(ALICE)).status_code == 422
+    assert client.delete(f"/api/alice/tasks/{task['id']}", headers=auth(ALICE)).status_code == 204
+    assert solved == ["/api/alice/tasks/0", f"/api/alice/tasks/{task['id']}"]
+
+
+def use_fastapis_own_handlers(client, monkeypatch) -> None:
+    """Every task route served by FastAPI's own handler, as if TaskRoute were a plain APIRoute."""
+    for route in client.app.routes:
+        if isinstance(route, TaskRoute):
+            standard = fastapi.routing.request_response(APIRoute.get_route_handler(route))
+            monkeypatch.setattr(route, "app", standard)
+
+
+ODD_TASK_IDS = ["0", "-1", "01", "+1", " 1", "1 ", "1_0", "\u0661", "1.0", "1e3", "0x10", "abc"]
+ODD_TASK_IDS += [str(2**63 - 1), str(2**63), "99999999999999999999"]
+ODD_USERS = ["a" * 255, "a" * 256, "%00", "%C3%BC", "a%20b", "%FF"]
+
+
+def read_answers(client, auth, task_id: int) -> list[tuple[str, str | None, int, Any]]:
+    """What every odd read returns: path, token, status and body (less the request id)."""
+    alice_token = auth(ALICE)["Authorization"].removeprefix("Bearer ")
+    tokens = {
+        "alice": auth(ALICE),
+        "bob": auth(BOB),
+        "none": {},
+        "basic": {"Authorization": "Basic YWxpY2U6eA=="},
+        "empty bearer": {"Authorization": "Bearer "},
+        "garbage": {"Authorization": "Bearer not.a.token"},
+        "lower-case scheme": {"Authorization": f"bearer {alice_token}"},
+    }
+    paths = [f"/api/alice/tasks/{quote(odd)}" for odd in ODD_TASK_IDS]
+    paths += [f"/api/alice/tasks/{task_id}", "/api/alice/tasks"]
+    paths += [f"/api/{user}/tasks" for user in ODD_USERS]
+    paths += [f"/api/{user}/tasks/{task_id}" for user in ODD_USERS]
+    answers = []
+    for path in paths:
+        for name, headers in tokens.items():
+            response = client.get(path, headers=headers)
+            body = response.json()
+            answers.append((path, name, response.status_code, body))
+    return answers
+
+
+def test_odd_reads_get_exactly_what_fastapis_own_handler_answers(
+    client, create_task, auth, monkeypatch
+):
+    task_id = create_task(ALICE)["id"]
+    fast = read_answers(client, auth, task_id)
+    use_fastapis_own_handlers(client, monkeypatch)
+    assert read_answers(client, auth, task_id) == fast
+    assert {status for *_, status, _ in fast} >= {200, 401, 403, 404, 422}
