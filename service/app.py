@@ -30,7 +30,7 @@ from service.errors import (
 from service.logs import configure_logging
 from service.observability import Metrics, RequestObserver, metrics_endpoint
 from service.posture import Posture, check_posture
-from service.routes import router
+from service.routes import task_router
 from service.settings import Settings, get_settings, masked, sqlalchemy_url
 
 log = logging.getLogger("service")
@@ -118,9 +118,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app, base_settings.retry_after_seconds, authorize_request)
     app.state.metrics = Metrics(app)
     app.add_middleware(RequestObserver)
-    # Joined to the app's own routes, not included: FastAPI 0.165 matches an included router's
-    # routes twice per request (bench/RESULTS.md). They are complete as declared.
-    app.router.routes.extend(router.routes)
+    # Joined to the app's own routes rather than included: FastAPI 0.165 matches an included
+    # router's routes twice per request (bench/RESULTS.md), and a 405's Allow header lists the
+    # methods of the app's own routes. Nothing is lost: the app adds no prefix, dependencies
+    # or responses of its own, and the routes take their dependency overrides from the app.
+    app.router.routes.extend(task_router(app).routes)
     app.add_api_route("/healthz", healthz, methods=["GET"], tags=["operations"])
     app.add_api_route(
         "/readyz", readyz, methods=["GET"], tags=["operations"], responses=READINESS_RESPONSES

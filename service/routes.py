@@ -5,7 +5,7 @@ from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Header, Path, Request, Response, status
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Request, Response, status
 from fastapi.routing import APIRoute
 from pydantic import TypeAdapter, ValidationError
 
@@ -89,20 +89,24 @@ class TaskRoute(APIRoute):
     """Serves a read without FastAPI's per-request dependency solving, a quarter of a read's
     CPU (bench/RESULTS.md); everything else gets FastAPI's own handler.
 
-    A route qualifies when its endpoint takes `tasks: Tasks` and nothing else but path
-    values declared as in PATH_TYPES (the two reads). When every path value is valid, its
-    handler calls `task_store` and the endpoint with exactly what FastAPI would pass them:
-    the same token check, the same path check, the same transaction. An invalid value goes
-    to FastAPI's handler, so its errors, like the OpenAPI document, are FastAPI's."""
+    A route qualifies when it is a plain async read: its endpoint takes `tasks: Tasks` and
+    otherwise only values of its path declared as in PATH_TYPES, returns a Response, and the
+    route adds no dependencies of its own (the two reads). When every path value is valid and
+    no dependency is overridden, its handler calls `task_store` and the endpoint with what
+    FastAPI would pass them: the token and path checks run exactly as in FastAPI's handler.
+    Anything else goes to FastAPI's handler, so its errors, like the OpenAPI document, are
+    FastAPI's."""
 
     def get_route_handler(self) -> Handler:
         standard = super().get_route_handler()
-        if not self.reads_only_the_path():
+        if not self._is_plain_read():
             return standard
-        endpoint = self.endpoint
-        endpoint_takes = set(inspect.signature(endpoint).parameters) - {"tasks"}
+        endpoint, overrides = self.endpoint, self.dependency_overrides_provider
+        path_arguments = set(inspect.signature(endpoint).parameters) - {"tasks"}
 
         async def read(request: Request) -> Response:
+            if getattr(overrides, "dependency_overrides", None):
+                return await standard(request)
             try:
                 path = {
                     name: PATH_CHECKS[name].validate_python(value)
@@ -111,24 +115,22 @@ class TaskRoute(APIRoute):
             except ValidationError:
                 return await standard(request)
             tasks = await task_store(request, path["user_id"], await bearer_scheme(request))
-            return await endpoint(tasks=tasks, **{name: path[name] for name in endpoint_takes})
+            return await endpoint(tasks=tasks, **{name: path[name] for name in path_arguments})
 
         return read
 
-    def reads_only_the_path(self) -> bool:
-        parameters = inspect.signature(self.endpoint).parameters
-        declared = {name: parameter.annotation for name, parameter in parameters.items()}
-        if (
-            declared.pop("tasks", None) != Tasks
-            or not set(self.param_convertors) <= PATH_TYPES.keys()
-        ):
-            return False
-        return all(PATH_TYPES.get(name) == annotation for name, annotation in declared.items())
-
-
-router = APIRouter(
-    prefix="/api/{user_id}/tasks", tags=["tasks"], responses=TASK_PROBLEMS, route_class=TaskRoute
-)
+    def _is_plain_read(self) -> bool:
+        signature = inspect.signature(self.endpoint)
+        declared = {name: parameter.annotation for name, parameter in signature.parameters.items()}
+        in_path = set(self.param_convertors)
+        return (
+            inspect.iscoroutinefunction(self.endpoint)
+            and signature.return_annotation is Response
+            and not self.dependencies
+            and declared.pop("tasks", None) == Tasks
+            and in_path <= PATH_TYPES.keys()
+            and all(name in in_path and PATH_TYPES[name] == kind for name, kind in declared.items())
+        )
 
 
 def task_response(task: PublicTask, status_code: int = 200, **headers: str) -> Response:
@@ -136,18 +138,11 @@ def task_response(task: PublicTask, status_code: int = 200, **headers: str) -> R
     return Response(task.body, status_code, headers, media_type="application/json")
 
 
-@router.get("", response_model=list[TaskPublic], responses=LISTED)
 async def list_tasks(tasks: Tasks) -> Response:
     """The caller's tasks, newest first."""
     return Response(await tasks.list(), media_type="application/json")
 
 
-@router.post(
-    "",
-    response_model=TaskPublic,
-    status_code=status.HTTP_201_CREATED,
-    responses=BODY_PROBLEMS | CREATED,
-)
 async def create_task(body: TaskCreate, tasks: Tasks, request: Request) -> Response:
     task = await tasks.create(body.model_dump())
     # url_path_for does not escape: an opaque user id may hold spaces, '?' or non-ASCII.
@@ -157,12 +152,10 @@ async def create_task(body: TaskCreate, tasks: Tasks, request: Request) -> Respo
     return task_response(task, status.HTTP_201_CREATED, Location=location)
 
 
-@router.get("/{task_id}", response_model=TaskPublic, responses=NO_SUCH_TASK | TAGGED)
 async def read_task(task_id: TaskId, tasks: Tasks) -> Response:
     return task_response(found(await tasks.get(task_id)))
 
 
-@router.put("/{task_id}", response_model=TaskPublic, responses=WRITE_PROBLEMS | TAGGED)
 async def replace_task(
     task_id: TaskId, body: TaskUpdate, tasks: Tasks, if_match: IfMatch = None
 ) -> Response:
@@ -171,7 +164,6 @@ async def replace_task(
     return task_response(found(await tasks.update(task_id, changes, if_match)))
 
 
-@router.patch("/{task_id}/complete", response_model=TaskPublic, responses=WRITE_PROBLEMS | TAGGED)
 async def complete_task(
     task_id: TaskId,
     tasks: Tasks,
@@ -183,11 +175,6 @@ async def complete_task(
     return task_response(found(await tasks.update(task_id, {"completed": completed}, if_match)))
 
 
-@router.delete(
-    "/{task_id}",
-    status_code=status.HTTP_204_NO_CONTENT,
-    responses=NO_SUCH_TASK | PRECONDITION_FAILED,
-)
 async def delete_task(task_id: TaskId, tasks: Tasks, if_match: IfMatch = None) -> Response:
     if not await tasks.delete(task_id, if_match):
         raise not_found()
@@ -198,3 +185,32 @@ def found(task: PublicTask | None) -> PublicTask:
     if task is None:
         raise not_found()
     return task
+
+
+def task_router(app: FastAPI) -> APIRouter:
+    """The six routes, built for one app: FastAPI binds a route to the app whose
+    `dependency_overrides` it honours when the route is made."""
+    router = APIRouter(
+        prefix="/api/{user_id}/tasks",
+        tags=["tasks"],
+        responses=TASK_PROBLEMS,
+        route_class=TaskRoute,
+        dependency_overrides_provider=app,
+    )
+    one = "/{task_id}"
+    router.get("", response_model=list[TaskPublic], responses=LISTED)(list_tasks)
+    router.post(
+        "",
+        response_model=TaskPublic,
+        status_code=status.HTTP_201_CREATED,
+        responses=BODY_PROBLEMS | CREATED,
+    )(create_task)
+    router.get(one, response_model=TaskPublic, responses=NO_SUCH_TASK | TAGGED)(read_task)
+    router.put(one, response_model=TaskPublic, responses=WRITE_PROBLEMS | TAGGED)(replace_task)
+    router.patch(f"{one}/complete", response_model=TaskPublic, responses=WRITE_PROBLEMS | TAGGED)(
+        complete_task
+    )
+    router.delete(
+        one, status_code=status.HTTP_204_NO_CONTENT, responses=NO_SUCH_TASK | PRECONDITION_FAILED
+    )(delete_task)
+    return router

@@ -1,6 +1,7 @@
 """Every route's success path, every status code it can return, and cross-user access."""
 
 import json
+import logging
 import re
 from datetime import UTC, datetime
 from typing import Any
@@ -8,11 +9,13 @@ from urllib.parse import quote
 
 import fastapi.routing
 import pytest
+from fastapi import Depends, Request, Response
 from fastapi.routing import APIRoute
 from psycopg import sql
 
 from service.models import TaskPublic
-from service.routes import TaskRoute
+from service.queries import TaskStore
+from service.routes import TaskId, TaskRoute, Tasks, list_tasks, read_task, task_store
 from service.testing import app_client
 
 ALICE, BOB = "alice", "bob"
@@ -527,10 +530,13 @@ def test_valid_reads_skip_fastapis_dependency_solving_and_the_rest_do_not(
 
 def use_fastapis_own_handlers(client, monkeypatch) -> None:
     """Every task route served by FastAPI's own handler, as if TaskRoute were a plain APIRoute."""
+    swapped = 0
     for route in client.app.routes:
         if isinstance(route, TaskRoute):
             standard = fastapi.routing.request_response(APIRoute.get_route_handler(route))
             monkeypatch.setattr(route, "app", standard)
+            swapped += 1
+    assert swapped == 6
 
 
 ODD_TASK_IDS = ["0", "-1", "01", "+1", " 1", "1 ", "1_0", "\u0661", "1.0", "1e3", "0x10", "abc"]
@@ -538,8 +544,9 @@ ODD_TASK_IDS += [str(2**63 - 1), str(2**63), "99999999999999999999"]
 ODD_USERS = ["a" * 255, "a" * 256, "%00", "%C3%BC", "a%20b", "%FF"]
 
 
-def read_answers(client, auth, task_id: int) -> list[tuple[str, str | None, int, Any]]:
-    """What every odd read returns: path, token, status and body (less the request id)."""
+def read_answers(client, auth, task_id: int, caplog) -> list[tuple[Any, ...]]:
+    """What every odd read returns (status, headers, body) and the user its access log line
+    names, by path and token."""
     alice_token = auth(ALICE)["Authorization"].removeprefix("Bearer ")
     tokens = {
         "alice": auth(ALICE),
@@ -557,17 +564,87 @@ def read_answers(client, auth, task_id: int) -> list[tuple[str, str | None, int,
     answers = []
     for path in paths:
         for name, headers in tokens.items():
+            caplog.clear()
             response = client.get(path, headers=headers)
-            body = response.json()
-            answers.append((path, name, response.status_code, body))
+            logged = [r.fields["user_id"] for r in caplog.records if r.name == "service.access"]
+            sent = {k: v for k, v in response.headers.items() if k not in ("x-request-id", "date")}
+            answers.append((path, name, response.status_code, sent, response.json(), logged))
     return answers
 
 
 def test_odd_reads_get_exactly_what_fastapis_own_handler_answers(
-    client, create_task, auth, monkeypatch
+    client, create_task, auth, monkeypatch, caplog
 ):
+    caplog.set_level(logging.INFO, logger="service.access")
     task_id = create_task(ALICE)["id"]
-    fast = read_answers(client, auth, task_id)
+    fast = read_answers(client, auth, task_id, caplog)
     use_fastapis_own_handlers(client, monkeypatch)
-    assert read_answers(client, auth, task_id) == fast
-    assert {status for *_, status, _ in fast} >= {200, 401, 403, 404, 422}
+    assert read_answers(client, auth, task_id, caplog) == fast
+    assert {answer[2] for answer in fast} >= {200, 401, 403, 404, 422}
+    assert {user for *_, logged in fast for user in logged} >= {ALICE, None}
+
+
+def test_dependency_overrides_reach_every_task_route(client, create_task, monkeypatch):
+    """FastAPI's testing hook: here every request acts as alice, whatever its token."""
+    task = create_task(ALICE)
+
+    async def as_alice(request: Request) -> TaskStore:
+        return TaskStore(request.app.state.transactions, ALICE)
+
+    monkeypatch.setitem(client.app.dependency_overrides, task_store, as_alice)
+    assert client.get(f"/api/alice/tasks/{task['id']}").json() == task
+    assert client.get("/api/alice/tasks").json() == [task]
+    assert client.delete(f"/api/alice/tasks/{task['id']}").status_code == 204
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("put", "/api/alice/tasks", "GET, POST"),
+        ("post", "/api/alice/tasks/1", "DELETE, GET, PUT"),
+        ("get", "/api/alice/tasks/1/complete", "PATCH"),
+    ],
+)
+def test_a_method_the_path_lacks_is_405_naming_the_ones_it_has(client, auth, method, path, allowed):
+    response = client.request(method, path, headers=auth(ALICE))
+    assert_problem(response, 405)
+    assert response.headers["allow"] == allowed
+
+
+async def read_with_a_query(task_id: TaskId, tasks: Tasks, verbose: bool = False) -> Response:
+    return Response()
+
+
+def read_synchronously(task_id: TaskId, tasks: Tasks) -> Response:
+    return Response()
+
+
+async def read_a_model(task_id: TaskId, tasks: Tasks) -> dict[str, str]:
+    return {}
+
+
+async def read_an_unchecked_id(task_id: int, tasks: Tasks) -> Response:
+    return Response()
+
+
+async def no_check() -> None:
+    return None
+
+
+@pytest.mark.parametrize(
+    ("path", "endpoint", "extra", "plain"),
+    [
+        ("/api/{user_id}/tasks/{task_id}", read_task, {}, True),
+        ("/api/{user_id}/tasks", list_tasks, {}, True),
+        ("/api/{user_id}/tasks/{task_id}", read_task, {"dependencies": [Depends(no_check)]}, False),
+        ("/api/{user_id}/tasks/{task_id}", read_with_a_query, {}, False),
+        ("/api/{user_id}/tasks/{task_id}", read_synchronously, {}, False),
+        ("/api/{user_id}/tasks/{task_id}", read_a_model, {}, False),
+        ("/api/{user_id}/tasks/{task_id}", read_an_unchecked_id, {}, False),
+        ("/api/{user_id}/tasks", read_task, {}, False),  # task_id not in the path
+        ("/api/{user_id}/tasks/{task_id}/{other}", read_task, {}, False),
+    ],
+)
+def test_only_plain_async_reads_of_the_path_skip_fastapis_handler(path, endpoint, extra, plain):
+    route = TaskRoute(path, endpoint, methods=["GET"], response_model=None, **extra)
+    assert route._is_plain_read() is plain
