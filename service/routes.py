@@ -95,7 +95,8 @@ class TaskRoute(APIRoute):
     no dependency is overridden, its handler calls `task_store` and the endpoint with what
     FastAPI would pass them: the token and path checks run exactly as in FastAPI's handler.
     Anything else goes to FastAPI's handler, so its errors, like the OpenAPI document, are
-    FastAPI's."""
+    FastAPI's. (FastAPI's own telemetry hooks, which the service does not configure, see no
+    dependency or endpoint spans for such a read.)"""
 
     def get_route_handler(self) -> Handler:
         standard = super().get_route_handler()
@@ -122,12 +123,13 @@ class TaskRoute(APIRoute):
     def _is_plain_read(self) -> bool:
         signature = inspect.signature(self.endpoint)
         declared = {name: parameter.annotation for name, parameter in signature.parameters.items()}
+        takes_tasks = declared.pop("tasks", None) == Tasks
         in_path = set(self.param_convertors)
         return (
             inspect.iscoroutinefunction(self.endpoint)
             and signature.return_annotation is Response
             and not self.dependencies
-            and declared.pop("tasks", None) == Tasks
+            and takes_tasks
             and in_path <= PATH_TYPES.keys()
             and all(name in in_path and PATH_TYPES[name] == kind for name, kind in declared.items())
         )
@@ -198,19 +200,36 @@ def task_router(app: FastAPI) -> APIRouter:
         dependency_overrides_provider=app,
     )
     one = "/{task_id}"
-    router.get("", response_model=list[TaskPublic], responses=LISTED)(list_tasks)
-    router.post(
+    add = router.add_api_route
+    add("", list_tasks, methods=["GET"], response_model=list[TaskPublic], responses=LISTED)
+    add(
         "",
+        create_task,
+        methods=["POST"],
         response_model=TaskPublic,
         status_code=status.HTTP_201_CREATED,
         responses=BODY_PROBLEMS | CREATED,
-    )(create_task)
-    router.get(one, response_model=TaskPublic, responses=NO_SUCH_TASK | TAGGED)(read_task)
-    router.put(one, response_model=TaskPublic, responses=WRITE_PROBLEMS | TAGGED)(replace_task)
-    router.patch(f"{one}/complete", response_model=TaskPublic, responses=WRITE_PROBLEMS | TAGGED)(
-        complete_task
     )
-    router.delete(
-        one, status_code=status.HTTP_204_NO_CONTENT, responses=NO_SUCH_TASK | PRECONDITION_FAILED
-    )(delete_task)
+    add(one, read_task, methods=["GET"], response_model=TaskPublic, responses=NO_SUCH_TASK | TAGGED)
+    add(
+        one,
+        replace_task,
+        methods=["PUT"],
+        response_model=TaskPublic,
+        responses=WRITE_PROBLEMS | TAGGED,
+    )
+    add(
+        f"{one}/complete",
+        complete_task,
+        methods=["PATCH"],
+        response_model=TaskPublic,
+        responses=WRITE_PROBLEMS | TAGGED,
+    )
+    add(
+        one,
+        delete_task,
+        methods=["DELETE"],
+        status_code=status.HTTP_204_NO_CONTENT,
+        responses=NO_SUCH_TASK | PRECONDITION_FAILED,
+    )
     return router
