@@ -27,26 +27,66 @@ is: see bench/RESULTS.md.
 """
 
 import gc
+import logging
 import os
-from collections.abc import Mapping
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from starlette.datastructures import Headers
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.app import create_app as real_create_app
 from service.errors import Problem
-from service.observability import RequestObserver
+from service.observability import Metrics, RequestObserver, new_request_id
 from service.pipeline import Statement, Transaction, _Awaited
 from service.queries import TaskStore
 from service.routes import task_response
 
-KNOWN = {
-    "implicit-transaction",
-    "no-request-middleware",
-    "gc-off",
-    "gc-threshold",
-    "raw-read-routes",
+PER_APP = {"no-request-middleware", "raw-read-routes", "asgi-read-lane", "inner-read-lane"}
+KNOWN = {"implicit-transaction", "gc-off", "gc-threshold", *PER_APP}
+
+
+@contextmanager
+def toggled(variant: str) -> Iterator[None]:
+    """A process-wide variant switched on for the block (bench/in_process.py), else nothing."""
+    switch = TOGGLES.get(variant)
+    if switch is not None:
+        switch(True)
+    try:
+        yield
+    finally:
+        if switch is not None:
+            switch(False)
+
+
+def _lean_log_records(on: bool) -> None:
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = not on
+    logging._srcfile = None if on else SRCFILE  # type: ignore[attr-defined]
+
+
+def _access_log_off(on: bool) -> None:
+    logging.getLogger("service.access").disabled = on
+
+
+def _metrics_off(on: bool) -> None:
+    Metrics.observe = _no_observation if on else OBSERVE  # type: ignore[method-assign]
+
+
+def _no_observation(self: Metrics, method: str, route: str, status: int, seconds: float) -> None:
+    pass
+
+
+SRCFILE = logging._srcfile  # type: ignore[attr-defined]
+OBSERVE = Metrics.observe
+TOGGLES: dict[str, Callable[[bool], None]] = {
+    "lean-log-records": _lean_log_records,
+    "access-log-off": _access_log_off,
+    "metrics-off": _metrics_off,
 }
 
 
@@ -91,7 +131,7 @@ async def _raw_list(request: Request) -> Response:
     return Response(await store.list(), media_type="application/json")
 
 
-def create_app() -> FastAPI:
+def create_app() -> ASGIApp:
     variants = _variants()
     unknown = variants - KNOWN
     if unknown:
@@ -103,7 +143,90 @@ def create_app() -> FastAPI:
         gc.disable()
     if "gc-threshold" in variants:
         gc.set_threshold(20_000, *gc.get_threshold()[1:])
-    app = real_create_app()
+    app = shape(real_create_app(), variants)
+    return getattr(app.state, "asgi_entry", app)  # type: ignore[no-any-return]
+
+
+READ_PATH = re.compile(r"^/api/([^/]+)/tasks(?:/([1-9][0-9]{0,17}))?$")
+
+
+def _read_lane(app: FastAPI) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """Reads served before any middleware, with the same token check, transaction, response,
+    request id, access log and metrics; the rest (and every failure) to the app. An upper
+    bound for what the middleware, routing and FastAPI layers cost a read."""
+
+    async def lane(scope: Scope, receive: Receive, send: Send) -> None:
+        matched = scope["type"] == "http" and scope["method"] == "GET"
+        matched = matched and READ_PATH.match(scope["path"])
+        if not matched:
+            return await app(scope, receive, send)
+        started = time.perf_counter()
+        token = Headers(scope=scope).get("authorization", "").removeprefix("Bearer ")
+        try:
+            user = await app.state.verifier.verify(token)
+        except Problem:
+            return await app(scope, receive, send)
+        if user != matched.group(1):
+            return await app(scope, receive, send)
+        store = TaskStore(app.state.transactions, user)
+        if matched.group(2) is None:
+            response = Response(await store.list(), media_type="application/json")
+        else:
+            row = await store.get(int(matched.group(2)))
+            if row is None:
+                return await app(scope, receive, send)
+            response = task_response(row)
+        request_id = new_request_id()
+        response.headers["X-Request-ID"] = request_id
+        scope["app"] = app
+        scope.setdefault("state", {})["user_id"] = user
+        await response(scope, receive, send)
+        RequestObserver._record(
+            scope, request_id, response.status_code, time.perf_counter() - started
+        )
+
+    return lane
+
+
+class InnerReadLane:
+    """Reads served just inside RequestObserver (so behind the body limits, the 500 guard, the
+    access log and the metrics), skipping the exception middleware, routing and FastAPI."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        matched = scope["type"] == "http" and scope["method"] == "GET"
+        matched = matched and READ_PATH.match(scope["path"])
+        if not matched:
+            return await self.app(scope, receive, send)
+        token = Headers(scope=scope).get("authorization", "").removeprefix("Bearer ")
+        state = scope["app"].state
+        try:
+            user = await state.verifier.verify(token)
+        except Problem:
+            return await self.app(scope, receive, send)
+        if user != matched.group(1):
+            return await self.app(scope, receive, send)
+        store = TaskStore(state.transactions, user)
+        if matched.group(2) is None:
+            response = Response(await store.list(), media_type="application/json")
+        else:
+            row = await store.get(int(matched.group(2)))
+            if row is None:
+                return await self.app(scope, receive, send)
+            response = task_response(row)
+        scope.setdefault("state", {})["user_id"] = user
+        await response(scope, receive, send)
+
+
+def shape(app: FastAPI, variants: set[str]) -> FastAPI:
+    """The variants that change one app only (bench/in_process.py builds several)."""
+    if "inner-read-lane" in variants:
+        app.add_middleware(InnerReadLane)  # outermost of the app's own: moved inward below
+        app.user_middleware.append(app.user_middleware.pop(0))
+    if "asgi-read-lane" in variants:
+        app.state.asgi_entry = _read_lane(app)
     if "raw-read-routes" in variants:
         app.router.routes[:0] = [
             Route("/api/{user_id}/tasks/{task_id:int}", _raw_read, methods=["GET"]),
