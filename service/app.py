@@ -30,7 +30,7 @@ from service.errors import (
 from service.logs import configure_logging
 from service.observability import Metrics, RequestObserver, metrics_endpoint
 from service.posture import Posture, check_posture
-from service.routes import task_router
+from service.routes import ReadLane, task_router
 from service.settings import Settings, get_settings, masked, sqlalchemy_url
 
 log = logging.getLogger("service")
@@ -70,7 +70,7 @@ def freeze_what_start_up_made() -> None:
 
 class TodoAPI(FastAPI):
     def build_middleware_stack(self) -> ASGIApp:
-        return TooLargeAsProblem(super().build_middleware_stack())
+        return ReadLane(self, TooLargeAsProblem(super().build_middleware_stack()))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

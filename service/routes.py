@@ -8,6 +8,9 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Request, Response, status
 from fastapi.routing import APIRoute
 from pydantic import TypeAdapter, ValidationError
+from starlette.middleware.exceptions import ExceptionMiddleware
+from starlette.routing import Match
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.auth import BearerToken, UserId, bearer_scheme, path_owner
 from service.errors import BODY_PROBLEMS, NO_SUCH_TASK, PRECONDITION_FAILED, TASK_PROBLEMS
@@ -18,6 +21,7 @@ from service.models import (
     TaskPublic,
     TaskUpdate,
 )
+from service.observability import RequestObserver
 from service.queries import PublicTask, TaskStore, not_found
 
 MAX_BIGINT = 2**63 - 1
@@ -83,6 +87,7 @@ WRITE_PROBLEMS = BODY_PROBLEMS | NO_SUCH_TASK | PRECONDITION_FAILED
 PATH_TYPES: dict[str, Any] = {"user_id": UserId, "task_id": TaskId}
 PATH_CHECKS = {name: TypeAdapter(declared) for name, declared in PATH_TYPES.items()}
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
+BODY_HEADERS = (b"content-length", b"transfer-encoding")
 
 
 class TaskRoute(APIRoute):
@@ -98,27 +103,42 @@ class TaskRoute(APIRoute):
     FastAPI's. (FastAPI's own telemetry hooks, which the service does not configure, see no
     dependency or endpoint spans for such a read.)"""
 
+    plain_read = False
+
     def get_route_handler(self) -> Handler:
         standard = super().get_route_handler()
-        if not self._is_plain_read():
+        self.plain_read = self._is_plain_read()
+        if not self.plain_read:
             return standard
-        endpoint, overrides = self.endpoint, self.dependency_overrides_provider
-        path_arguments = set(inspect.signature(endpoint).parameters) - {"tasks"}
+        self._in_path = set(inspect.signature(self.endpoint).parameters) - {"tasks"}
 
         async def read(request: Request) -> Response:
-            if getattr(overrides, "dependency_overrides", None):
+            path = self.plain_read_arguments(request.path_params)
+            if path is None:
                 return await standard(request)
-            try:
-                path = {
-                    name: PATH_CHECKS[name].validate_python(value)
-                    for name, value in request.path_params.items()
-                }
-            except ValidationError:
-                return await standard(request)
-            tasks = await task_store(request, path["user_id"], await bearer_scheme(request))
-            return await endpoint(tasks=tasks, **{name: path[name] for name in path_arguments})
+            return await self.serve_plain_read(request, path)
 
         return read
+
+    def plain_read_arguments(self, path_params: dict[str, Any]) -> dict[str, Any] | None:
+        """The path's values as FastAPI would pass them, or None when FastAPI's own handler
+        must answer: a value it would refuse, or a dependency override (its testing hook)."""
+        if not self.plain_read:
+            return None
+        if getattr(self.dependency_overrides_provider, "dependency_overrides", None):
+            return None
+        try:
+            return {
+                name: PATH_CHECKS[name].validate_python(value)
+                for name, value in path_params.items()
+            }
+        except ValidationError:
+            return None
+
+    async def serve_plain_read(self, request: Request, path: dict[str, Any]) -> Response:
+        """`task_store` (token, then path) and the endpoint, as FastAPI would call them."""
+        tasks = await task_store(request, path["user_id"], await bearer_scheme(request))
+        return await self.endpoint(tasks=tasks, **{name: path[name] for name in self._in_path})
 
     def _is_plain_read(self) -> bool:
         signature = inspect.signature(self.endpoint)
@@ -133,6 +153,67 @@ class TaskRoute(APIRoute):
             and in_path <= PATH_TYPES.keys()
             and all(name in in_path and PATH_TYPES[name] == kind for name, kind in declared.items())
         )
+
+
+class ReadLane:
+    """The plain reads, served from the top of the app instead of the bottom of its stack.
+
+    On its way to a route a request passes FastAPI's and Starlette's layers: the last-resort
+    500 page, the telemetry hook, three body-limit layers, the exception middleware, the
+    router, and FastAPI's request wrapper with its two exit stacks. For a GET without a body
+    that a plain read (TaskRoute) serves, none of them acts, yet together they cost a third of
+    its CPU (bench/RESULTS.md). Such a request is answered here, by the same route code,
+    inside the same RequestObserver (request id, access log, metrics, the guard against 500s)
+    and Starlette's ExceptionMiddleware with the app's own handlers, so its 401, 403, 404 and
+    503 are the ones the full stack renders. Every other request goes down the full stack:
+    any other method or route, a request declaring a body (the body limits would act on it),
+    a path value FastAPI would refuse, and any request while a dependency is overridden.
+    (FastAPI's telemetry, which the service does not configure, still wraps these reads, but
+    without the route name that its router would add.)"""
+
+    def __init__(self, app: FastAPI, stack: ASGIApp) -> None:
+        self.app = app
+        self.stack = stack
+        handlers = {
+            key: handler
+            for key, handler in app.exception_handlers.items()
+            if key not in (500, Exception)  # as Starlette splits them, for its 500 page
+        }
+        self.observed = RequestObserver(ExceptionMiddleware(self._respond, handlers=handlers))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._takes(scope):
+            await self.observed(scope, receive, send)
+        else:
+            await self.stack(scope, receive, send)
+
+    def _takes(self, scope: Scope) -> bool:
+        """Whether the request is a plain read; if so, `scope` gets what the router adds."""
+        if scope["type"] != "http" or scope["method"] != "GET":
+            return False
+        if any(name in BODY_HEADERS for name, _ in scope["headers"]):
+            return False
+        for route in self.app.router.routes:  # the router's own rule: the first full match
+            match, child_scope = route.matches(scope)
+            if match is Match.FULL:
+                break
+        else:
+            return False
+        if not isinstance(route, TaskRoute):
+            return False
+        if route.plain_read_arguments(child_scope["path_params"]) is None:
+            return False
+        scope.setdefault("router", self.app.router)
+        scope.update(child_scope)
+        return True
+
+    @staticmethod
+    async def _respond(scope: Scope, receive: Receive, send: Send) -> None:
+        route: TaskRoute = scope["route"]
+        path = route.plain_read_arguments(scope["path_params"])
+        assert path is not None  # _takes checked the same values
+        response = await route.serve_plain_read(Request(scope, receive, send), path)
+        await response(scope, receive, send)
 
 
 def task_response(task: PublicTask, status_code: int = 200, **headers: str) -> Response:

@@ -512,6 +512,21 @@ def solved(monkeypatch) -> list[str]:
     return paths
 
 
+@pytest.fixture
+def routed(monkeypatch) -> list[str]:
+    """The paths that went down the app's full stack to a task route, while the fixture lasts
+    (the read lane, service.routes.ReadLane, serves its reads without the router)."""
+    paths: list[str] = []
+    handle = TaskRoute.handle
+
+    async def counted(self: TaskRoute, scope: Any, receive: Any, send: Any) -> None:
+        paths.append(scope["path"])
+        await handle(self, scope, receive, send)
+
+    monkeypatch.setattr(TaskRoute, "handle", counted)
+    return paths
+
+
 def test_valid_reads_skip_fastapis_dependency_solving_and_the_rest_do_not(
     client, create_task, auth, solved
 ):
@@ -528,13 +543,35 @@ def test_valid_reads_skip_fastapis_dependency_solving_and_the_rest_do_not(
     assert solved == ["/api/alice/tasks/0", f"/api/alice/tasks/{task['id']}"]
 
 
+def test_plain_reads_take_the_lane_and_every_other_request_the_full_stack(
+    client, create_task, auth, routed
+):
+    task = create_task(ALICE, "mine")
+    one, listed = f"/api/alice/tasks/{task['id']}", "/api/alice/tasks"
+    routed.clear()  # the create's
+    assert client.get(one, headers=auth(ALICE)).json() == task
+    assert client.get(listed, headers=auth(ALICE)).json() == [task]
+    assert client.get(one, headers=auth(BOB)).status_code == 403  # refused in the lane
+    assert client.get(one, headers={"Authorization": "Bearer x"}).status_code == 401
+    assert client.get("/api/alice/tasks/999999", headers=auth(ALICE)).status_code == 404
+    assert routed == []
+
+    assert client.head(one, headers=auth(ALICE)).status_code == 405  # as FastAPI answers it
+    assert client.request("GET", one, headers=auth(ALICE), content=b"{}").status_code == 200
+    assert client.get("/api/alice/tasks/0", headers=auth(ALICE)).status_code == 422
+    assert client.put(one, headers=auth(ALICE), json={"title": "x"}).status_code == 200
+    assert routed == [one, one, "/api/alice/tasks/0", one]
+
+
 def use_fastapis_own_handlers(client, monkeypatch) -> None:
-    """Every task route served by FastAPI's own handler, as if TaskRoute were a plain APIRoute."""
+    """Every task route served by FastAPI's own handler down the full stack, as if TaskRoute
+    were a plain APIRoute (the read lane then takes nothing)."""
     swapped = 0
     for route in client.app.routes:
         if isinstance(route, TaskRoute):
             standard = fastapi.routing.request_response(APIRoute.get_route_handler(route))
             monkeypatch.setattr(route, "app", standard)
+            monkeypatch.setattr(route, "plain_read", False)
             swapped += 1
     assert swapped == 6
 
@@ -564,12 +601,38 @@ def read_answers(client, auth, task_id: int, caplog) -> list[tuple[Any, ...]]:
     answers = []
     for path in paths:
         for name, headers in tokens.items():
-            caplog.clear()
-            response = client.get(path, headers=headers)
-            logged = [r.fields["user_id"] for r in caplog.records if r.name == "service.access"]
-            sent = {k: v for k, v in response.headers.items() if k not in ("x-request-id", "date")}
-            answers.append((path, name, response.status_code, sent, response.json(), logged))
+            answers.append((path, name, *answer(client, caplog, "GET", path, headers)))
+    # What the lane must leave to the full stack, or answer as it would.
+    one, listed = f"/api/alice/tasks/{task_id}", "/api/alice/tasks"
+    too_large = b"x" * (64 * 1024 + 1)
+    shapes: dict[str, tuple[str, str, dict[str, str], bytes | None]] = {
+        "head": ("HEAD", one, auth(ALICE), None),
+        "a body": ("GET", one, auth(ALICE), b"{}"),
+        "a body too large": ("GET", listed, auth(ALICE), too_large),
+        "a request id": ("GET", one, {**auth(ALICE), "X-Request-ID": "req-1"}, None),
+        "a query": ("GET", f"{listed}?limit=1", auth(ALICE), None),
+        "a trailing slash": ("GET", f"{listed}/", auth(ALICE), None),
+        "a double slash": ("GET", f"/api/alice//tasks/{task_id}", auth(ALICE), None),
+    }
+    for name, (method, path, headers, content) in shapes.items():
+        answers.append((path, name, *answer(client, caplog, method, path, headers, content)))
     return answers
+
+
+def answer(
+    client, caplog, method: str, path: str, headers: dict[str, str], content: bytes | None = None
+) -> tuple[Any, ...]:
+    """Status, headers (but a made-up request id and the date), body, and what the access
+    log says of one request (user, route, status)."""
+    caplog.clear()
+    response = client.request(
+        method, path, headers=headers, content=content, follow_redirects=False
+    )
+    access = [r.fields for r in caplog.records if r.name == "service.access"]
+    logged = [(line["user_id"], line["route"], line["status"]) for line in access]
+    made_up = {"date"} | ({"x-request-id"} if "X-Request-ID" not in headers else set())
+    sent = {k: v for k, v in response.headers.items() if k not in made_up}
+    return response.status_code, sent, response.content, logged
 
 
 def test_odd_reads_get_exactly_what_fastapis_own_handler_answers(
@@ -580,8 +643,8 @@ def test_odd_reads_get_exactly_what_fastapis_own_handler_answers(
     fast = read_answers(client, auth, task_id, caplog)
     use_fastapis_own_handlers(client, monkeypatch)
     assert read_answers(client, auth, task_id, caplog) == fast
-    assert {answer[2] for answer in fast} >= {200, 401, 403, 404, 422}
-    assert {user for *_, logged in fast for user in logged} >= {ALICE, None}
+    assert {answer[2] for answer in fast} >= {200, 307, 401, 403, 404, 413, 422}
+    assert {user for *_, logged in fast for user, _, _ in logged} >= {ALICE, None}
 
 
 def test_dependency_overrides_reach_every_task_route(client, create_task, monkeypatch):
