@@ -167,8 +167,9 @@ class ReadLane:
     and Starlette's ExceptionMiddleware with the app's own handlers, so its 401, 403, 404 and
     503 are the ones the full stack renders. Every other request goes down the full stack:
     any other method or route, a request declaring a body (the body limits would act on it),
-    a path value FastAPI would refuse, and any request while a dependency is overridden.
-    (FastAPI's telemetry, which the service does not configure, still wraps these reads, but
+    a path value FastAPI would refuse, and any request while a dependency is overridden. An
+    app given a middleware of its own gets no lane at all (service.app.TodoAPI), since the lane
+    would skip it. (FastAPI's telemetry, which the service does not configure, still wraps these reads, but
     without the route name that its router would add.)"""
 
     def __init__(self, app: FastAPI, stack: ASGIApp) -> None:

@@ -11,8 +11,10 @@ import fastapi.routing
 import pytest
 from fastapi import Depends, Request, Response
 from fastapi.routing import APIRoute
+from fastapi.testclient import TestClient
 from psycopg import sql
 
+from service.app import create_app
 from service.models import TaskPublic
 from service.queries import TaskStore
 from service.routes import TaskId, TaskRoute, Tasks, list_tasks, read_task, task_store
@@ -561,6 +563,27 @@ def test_plain_reads_take_the_lane_and_every_other_request_the_full_stack(
     assert client.get("/api/alice/tasks/0", headers=auth(ALICE)).status_code == 422
     assert client.put(one, headers=auth(ALICE), json={"title": "x"}).status_code == 200
     assert routed == [one, one, "/api/alice/tasks/0", one]
+
+
+def test_a_middleware_added_to_the_app_sees_every_read(database, create_task, auth, routed):
+    """The read lane skips the app's middleware stack, so an app given a middleware of its own
+    (a downstream project's, say) serves its reads down the full stack, through it."""
+    task = create_task(ALICE)
+    app = create_app(database.settings())
+
+    async def stamp(request: Request, call_next: Any) -> Response:
+        response = await call_next(request)
+        response.headers["X-Stamped"] = "yes"
+        return response
+
+    app.middleware("http")(stamp)
+    routed.clear()
+    with app_client(database.settings()) as plain, TestClient(app) as stamped:
+        assert plain.get("/api/alice/tasks", headers=auth(ALICE)).json() == [task]
+        assert routed == []
+        response = stamped.get("/api/alice/tasks", headers=auth(ALICE))
+    assert response.json() == [task] and response.headers["x-stamped"] == "yes"
+    assert routed == ["/api/alice/tasks"]
 
 
 def use_fastapis_own_handlers(client, monkeypatch) -> None:
