@@ -21,6 +21,17 @@ BENCH_VARIANTS (comma-separated) picks them:
   without FastAPI's dependency injection and parameter validation: an upper bound for what
   those cost. Not shippable: no OpenAPI, no problem documents for bad input.
 
+- `asgi-read-lane`: the two reads answered before any layer of the app (token, path check,
+  TaskStore, the same JSON, ETag, request id, access log line and metrics), anything else or
+  any failure handed to the app: an upper bound for what the layers between the server and a
+  route cost a read. Not shippable: a bad request would be checked twice, and nothing renders
+  errors. `inner-read-lane`: the same just inside `RequestObserver`. `no-read-lane`: every
+  request down the full stack (the service before `service.routes.ReadLane`).
+
+Process-wide switches, for `bench/in_process.py` only (it turns them on for that variant's
+rounds and off again): `lean-log-records` (logging's documented switches: no thread, process or
+caller in the records), `access-log-off`, `metrics-off`.
+
 Settings need no variant: `--env JWT_CACHE_SECONDS=0`, `--env DB_PREPARED_STATEMENTS=false`,
 `--env DB_MAX_OVERFLOW=5` and so on. This is measurement scaffolding, not a patch to merge as
 is: see bench/RESULTS.md.
@@ -47,7 +58,13 @@ from service.pipeline import Statement, Transaction, _Awaited
 from service.queries import TaskStore
 from service.routes import task_response
 
-PER_APP = {"no-request-middleware", "raw-read-routes", "asgi-read-lane", "inner-read-lane"}
+PER_APP = {
+    "no-request-middleware",
+    "raw-read-routes",
+    "asgi-read-lane",
+    "inner-read-lane",
+    "no-read-lane",
+}
 KNOWN = {"implicit-transaction", "gc-off", "gc-threshold", *PER_APP}
 
 
@@ -222,6 +239,8 @@ class InnerReadLane:
 
 def shape(app: FastAPI, variants: set[str]) -> FastAPI:
     """The variants that change one app only (bench/in_process.py builds several)."""
+    if "no-read-lane" in variants:
+        app.middleware_stack = app.build_middleware_stack().stack  # what ReadLane hands on to
     if "inner-read-lane" in variants:
         app.add_middleware(InnerReadLane)  # outermost of the app's own: moved inward below
         app.user_middleware.append(app.user_middleware.pop(0))
