@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Path, Request, Response
 from fastapi.routing import APIRoute
 from pydantic import TypeAdapter, ValidationError
 from starlette.middleware.exceptions import ExceptionMiddleware
-from starlette.routing import Match
+from starlette.routing import Match, request_response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.auth import BearerToken, UserId, bearer_scheme, path_owner
@@ -88,6 +88,7 @@ PATH_TYPES: dict[str, Any] = {"user_id": UserId, "task_id": TaskId}
 PATH_CHECKS = {name: TypeAdapter(declared) for name, declared in PATH_TYPES.items()}
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 BODY_HEADERS = (b"content-length", b"transfer-encoding")
+READ_PATH = "todo_api.read_path"  # the scope key under which ReadLane hands on a read's path
 
 
 class TaskRoute(APIRoute):
@@ -100,17 +101,19 @@ class TaskRoute(APIRoute):
     no dependency is overridden, its handler calls `task_store` and the endpoint with what
     FastAPI would pass them: the token and path checks run exactly as in FastAPI's handler.
     Anything else goes to FastAPI's handler, so its errors, like the OpenAPI document, are
-    FastAPI's. (FastAPI's own telemetry hooks, which the service does not configure, see no
+    FastAPI's. (FastAPI's own telemetry, when an OpenTelemetry provider is set up, sees no
     dependency or endpoint spans for such a read.)"""
 
-    plain_read = False
+    # Both set by get_route_handler, which FastAPI calls as it builds the route.
+    plain_read: bool = False
+    _in_path: frozenset[str] = frozenset()  # the path values that the endpoint takes
 
     def get_route_handler(self) -> Handler:
         standard = super().get_route_handler()
         self.plain_read = self._is_plain_read()
         if not self.plain_read:
             return standard
-        self._in_path = set(inspect.signature(self.endpoint).parameters) - {"tasks"}
+        self._in_path = frozenset(inspect.signature(self.endpoint).parameters) - {"tasks"}
 
         async def read(request: Request) -> Response:
             path = self.plain_read_arguments(request.path_params)
@@ -129,8 +132,8 @@ class TaskRoute(APIRoute):
             return None
         try:
             return {
-                name: PATH_CHECKS[name].validate_python(value)
-                for name, value in path_params.items()
+                name: PATH_CHECKS[name].validate_python(path_params[name])
+                for name in self.param_convertors  # not a mounting app's own path values
             }
         except ValidationError:
             return None
@@ -159,62 +162,72 @@ class ReadLane:
     """The plain reads, served from the top of the app instead of the bottom of its stack.
 
     On its way to a route a request passes FastAPI's and Starlette's layers: the last-resort
-    500 page, the telemetry hook, three body-limit layers, the exception middleware, the
-    router, and FastAPI's request wrapper with its two exit stacks. For a GET without a body
-    that a plain read (TaskRoute) serves, none of them acts, yet together they cost a third of
-    its CPU (bench/RESULTS.md). Such a request is answered here, by the same route code,
-    inside the same RequestObserver (request id, access log, metrics, the guard against 500s)
-    and Starlette's ExceptionMiddleware with the app's own handlers, so its 401, 403, 404 and
-    503 are the ones the full stack renders. Every other request goes down the full stack:
-    any other method or route, a request declaring a body (the body limits would act on it),
-    a path value FastAPI would refuse, and any request while a dependency is overridden. An
-    app given a middleware of its own gets no lane at all (service.app.TodoAPI), since the lane
-    would skip it. (FastAPI's telemetry, which the service does not configure, still wraps these reads, but
-    without the route name that its router would add.)"""
+    500 page, the exception telemetry hook, three body-limit layers, the exception middleware,
+    the router, and FastAPI's request wrapper with its two exit stacks. For a GET without a
+    body that a plain read (TaskRoute) serves, none of them acts, yet together they cost a
+    tenth of its CPU (bench/RESULTS.md). Such a request is answered here by the same route
+    code, inside the same RequestObserver (request id, access log, metrics, the guard against
+    500s) and the same two layers of exception handling as a route's (Starlette's
+    `request_response` and its ExceptionMiddleware, with the app's own handlers), so its 401,
+    403, 404 and 503 are the ones the full stack renders.
 
-    def __init__(self, app: FastAPI, stack: ASGIApp) -> None:
-        self.app = app
-        self.stack = stack
+    Every other request goes down the full stack: any other method or route, a request that
+    declares a body (the body limits would act on it), a path value FastAPI would refuse, any
+    request while a dependency is overridden, and every request FastAPI's OpenTelemetry traces
+    (its router names the span's route). An app given a middleware of its own gets no lane at
+    all (service.app.TodoAPI), since the lane would skip it."""
+
+    def __init__(self, api: FastAPI, app: ASGIApp) -> None:
+        self.api = api
+        self.app = app  # the full stack; `app` as in every ASGI middleware
+        # Split as Starlette's build_middleware_stack splits them: 500 and Exception go to its
+        # last-resort page, which RequestObserver's own guard stands in for here.
         handlers = {
             key: handler
-            for key, handler in app.exception_handlers.items()
-            if key not in (500, Exception)  # as Starlette splits them, for its 500 page
+            for key, handler in api.exception_handlers.items()
+            if key not in (500, Exception)
         }
-        self.observed = RequestObserver(ExceptionMiddleware(self._respond, handlers=handlers))
+        routed = request_response(self._read)
+        self.observed = RequestObserver(ExceptionMiddleware(routed, handlers=handlers))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self._takes(scope):
-            await self.observed(scope, receive, send)
-        else:
-            await self.stack(scope, receive, send)
+        try:
+            path = self._plain_read_path(scope)
+        except Exception:  # an oddity in matching is the full stack's to answer
+            path = None
+        if path is None:
+            await self.app(scope, receive, send)
+            return
+        scope[READ_PATH] = path
+        await self.observed(scope, receive, send)
 
-    def _takes(self, scope: Scope) -> bool:
-        """Whether the request is a plain read; if so, `scope` gets what the router adds."""
+    def _plain_read_path(self, scope: Scope) -> dict[str, Any] | None:
+        """The path's checked values if the request is a plain read, and then `scope` gets
+        what the router adds; else None."""
         if scope["type"] != "http" or scope["method"] != "GET":
-            return False
+            return None
+        if "fastapi.telemetry" in scope:
+            return None
         if any(name in BODY_HEADERS for name, _ in scope["headers"]):
-            return False
-        for route in self.app.router.routes:  # the router's own rule: the first full match
+            return None
+        for route in self.api.router.routes:  # the router's own rule: the first full match
             match, child_scope = route.matches(scope)
             if match is Match.FULL:
                 break
         else:
-            return False
+            return None
         if not isinstance(route, TaskRoute):
-            return False
-        if route.plain_read_arguments(child_scope["path_params"]) is None:
-            return False
-        scope.setdefault("router", self.app.router)
-        scope.update(child_scope)
-        return True
+            return None
+        path = route.plain_read_arguments(child_scope["path_params"])
+        if path is not None:
+            scope.setdefault("router", self.api.router)
+            scope.update(child_scope)
+        return path
 
     @staticmethod
-    async def _respond(scope: Scope, receive: Receive, send: Send) -> None:
-        route: TaskRoute = scope["route"]
-        path = route.plain_read_arguments(scope["path_params"])
-        assert path is not None  # _takes checked the same values
-        response = await route.serve_plain_read(Request(scope, receive, send), path)
-        await response(scope, receive, send)
+    async def _read(request: Request) -> Response:
+        route: TaskRoute = request.scope["route"]
+        return await route.serve_plain_read(request, request.scope[READ_PATH])
 
 
 def task_response(task: PublicTask, status_code: int = 200, **headers: str) -> Response:

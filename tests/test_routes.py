@@ -3,18 +3,25 @@
 import json
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
 import fastapi.routing
 import pytest
-from fastapi import Depends, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
+from opentelemetry import trace
+from opentelemetry.trace import INVALID_SPAN_CONTEXT, NonRecordingSpan
 from psycopg import sql
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Mount, Route
 
 from service.app import create_app
+from service.errors import Problem
 from service.models import TaskPublic
 from service.queries import TaskStore
 from service.routes import TaskId, TaskRoute, Tasks, list_tasks, read_task, task_store
@@ -586,6 +593,111 @@ def test_a_middleware_added_to_the_app_sees_every_read(database, create_task, au
     assert routed == ["/api/alice/tasks"]
 
 
+class RecordedSpan(NonRecordingSpan):
+    """What FastAPI's telemetry makes of a request: the span's name and route."""
+
+    def __init__(self, name: str, attributes: Any, ended: list[tuple[str, Any]]) -> None:
+        super().__init__(INVALID_SPAN_CONTEXT)
+        self.name, self.attributes, self.ended = name, dict(attributes or {}), ended
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        self.attributes[key] = value
+
+    def set_attributes(self, attributes: Any) -> None:
+        self.attributes.update(attributes)
+
+    def update_name(self, name: str) -> None:
+        self.name = name
+
+    def end(self, end_time: Any = None) -> None:
+        self.ended.append((self.name, self.attributes.get("http.route")))
+
+
+class RecordingTracer(trace.Tracer):
+    def __init__(self, ended: list[tuple[str, Any]]) -> None:
+        self.ended = ended
+
+    def start_span(self, name: str, *args: Any, attributes: Any = None, **kwargs: Any) -> Any:
+        return RecordedSpan(name, attributes, self.ended)
+
+    @contextmanager
+    def start_as_current_span(self, name: str, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        yield RecordedSpan(name, kwargs.get("attributes"), self.ended)
+
+
+class RecordingProvider(trace.TracerProvider):
+    def __init__(self) -> None:
+        self.ended: list[tuple[str, Any]] = []
+
+    def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
+        return RecordingTracer(self.ended)
+
+
+def test_reads_traced_by_fastapis_telemetry_carry_their_route(
+    database, create_task, auth, monkeypatch, routed
+):
+    """With an OpenTelemetry provider in the process (`opentelemetry-instrument` sets one up),
+    FastAPI traces every request and its router names the span's route: such reads take the
+    full stack."""
+    task = create_task(ALICE)
+    provider = RecordingProvider()
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
+    routed.clear()
+    with app_client(database.settings()) as traced:
+        assert traced.get(f"/api/alice/tasks/{task['id']}", headers=auth(ALICE)).json() == task
+        assert traced.get("/api/alice/tasks", headers=auth(BOB)).status_code == 403
+    assert provider.ended == [
+        ("GET /api/{user_id}/tasks/{task_id}", "/api/{user_id}/tasks/{task_id}"),
+        ("GET /api/{user_id}/tasks", "/api/{user_id}/tasks"),
+    ]
+    assert routed == [f"/api/alice/tasks/{task['id']}", "/api/alice/tasks"]
+
+
+def test_mounted_under_a_path_of_its_own_the_app_still_serves_reads(database, create_task, auth):
+    """A mounting app's own path values reach the task routes' path parameters too."""
+    task = create_task(ALICE)
+    todo = create_app(database.settings())
+    outer = FastAPI(routes=[Mount("/tenants/{tenant}", app=todo)])
+    with TestClient(todo), TestClient(outer) as mounted:  # the first runs todo's start-up
+        response = mounted.get(f"/tenants/t1/api/alice/tasks/{task['id']}", headers=auth(ALICE))
+        assert (response.status_code, response.json()) == (200, task)
+        assert mounted.get("/tenants/t1/api/alice/tasks", headers=auth(ALICE)).json() == [task]
+
+
+def test_an_exception_handler_that_raises_is_handled_as_in_the_full_stack(
+    database, auth, monkeypatch
+):
+    """A handler's own exception meets the app's exception middleware, as it does after a
+    route's: here a 403 problem becomes an HTTPException, rendered as a 403 problem."""
+    app = create_app(database.settings())
+
+    @app.exception_handler(Problem)
+    async def as_http_exception(request: Request, exc: Problem) -> Response:
+        raise StarletteHTTPException(exc.status, exc.detail)
+
+    with TestClient(app) as client:
+        lane = client.get("/api/alice/tasks", headers=auth(BOB))
+        use_fastapis_own_handlers(client, monkeypatch)
+        full = client.get("/api/alice/tasks", headers=auth(BOB))
+    assert (lane.status_code, lane.json()) == (full.status_code, full.json())
+    assert lane.status_code == 403
+
+
+class BrokenRoute(Route):
+    def matches(self, scope: Any) -> Any:
+        raise RuntimeError("a route that cannot match")
+
+
+def test_a_route_that_fails_to_match_gets_the_full_stacks_500(database, auth):
+    """Whatever goes wrong while the lane looks for the route is answered by the full stack,
+    which meets the same failure inside the request middleware: a 500 problem, logged."""
+    app = create_app(database.settings())
+    app.router.routes.insert(0, BrokenRoute("/broken", lambda request: None))
+    with TestClient(app) as client:
+        response = client.get("/api/alice/tasks", headers=auth(ALICE))
+    assert_problem(response, 500)
+
+
 def use_fastapis_own_handlers(client, monkeypatch) -> None:
     """Every task route served by FastAPI's own handler down the full stack, as if TaskRoute
     were a plain APIRoute (the read lane then takes nothing)."""
@@ -659,11 +771,16 @@ def answer(
 
 
 def test_odd_reads_get_exactly_what_fastapis_own_handler_answers(
-    client, create_task, auth, monkeypatch, caplog
+    client, create_task, auth, monkeypatch, caplog, routed
 ):
     caplog.set_level(logging.INFO, logger="service.access")
     task_id = create_task(ALICE)["id"]
+    routed.clear()
     fast = read_answers(client, auth, task_id, caplog)
+    # The lane answered the valid reads with every kind of token, with a query and with a
+    # request id; only HEAD and the two bodies took the router to them.
+    assert routed.count(f"/api/alice/tasks/{task_id}") == 2
+    assert routed.count("/api/alice/tasks") == 1
     use_fastapis_own_handlers(client, monkeypatch)
     assert read_answers(client, auth, task_id, caplog) == fast
     assert {answer[2] for answer in fast} >= {200, 307, 401, 403, 404, 413, 422}
