@@ -240,7 +240,7 @@ class InnerReadLane:
 def shape(app: FastAPI, variants: set[str]) -> FastAPI:
     """The variants that change one app only (bench/in_process.py builds several)."""
     if "no-read-lane" in variants:
-        app.middleware_stack = app.build_middleware_stack().stack  # what ReadLane hands on to
+        app.middleware_stack = app.build_middleware_stack().app  # what ReadLane hands on to
     if "inner-read-lane" in variants:
         app.add_middleware(InnerReadLane)  # outermost of the app's own: moved inward below
         app.user_middleware.append(app.user_middleware.pop(0))
