@@ -214,6 +214,22 @@ class Service:
                         stages[stage] = when - self.spawned_at
         return stages
 
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def non2xx_logged_since(self, offset: int) -> int:
+        """Responses other than 2xx in the service's access log after `offset` bytes."""
+        with self.log_path.open("rb") as log_file:
+            log_file.seek(offset)
+            lines = log_file.read().decode(errors="replace").splitlines()
+        count = 0
+        for line in lines:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                entry = json.loads(line)
+                if entry["logger"] == "service.access" and not 200 <= entry["status"] <= 299:
+                    count += 1
+        return count
+
     def tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
 
@@ -409,6 +425,7 @@ def run_wrk(
     service: "Service | None" = None,
 ) -> WrkResult:
     load = os.getloadavg()[0]
+    log_offset = service.log_size() if service else 0
     cpu_before = service.cpu_seconds() if service else 0.0
     meter = CpuMeter(service) if service else None
     command = [
@@ -431,6 +448,11 @@ def run_wrk(
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout}\n{done.stderr}")
     values = {k: float(v) for k, v in (item.split("=") for item in line.split()[1:])}
     seconds = values["duration_us"] / 1e6
+    # Three counts, each of which can only miss some: the script's own (only the workloads with
+    # writes define response()), wrk's status errors (>= 400 only), the service's access log
+    # (not what the server answers by itself). Zero in all three is zero.
+    logged = service.non2xx_logged_since(log_offset) if service else 0
+    non2xx = max(int(values["non2xx"]), int(values["err_status"]), logged)
     ops = {k: int(values[k]) for k in ("get", "list", "create", "update", "complete", "delete")}
     return WrkResult(
         workload=workload,
@@ -442,7 +464,7 @@ def run_wrk(
         p90_ms=values["p90_us"] / 1000,
         p99_ms=values["p99_us"] / 1000,
         max_ms=values["max_us"] / 1000,
-        non2xx=int(values["non2xx"]),
+        non2xx=non2xx,
         socket_errors=int(sum(values[f"err_{k}"] for k in ("connect", "read", "write", "timeout"))),
         ops={k: v for k, v in ops.items() if v},
         last_bad_status=int(values["last_bad_status"]),
@@ -534,14 +556,19 @@ class WorkloadCount:
 
 
 def count_workload(
-    proxy: DelayProxy, port: int, script: Path, workload: str, connections: int, seconds: float
+    proxy: DelayProxy,
+    service: "Service",
+    script: Path,
+    workload: str,
+    connections: int,
+    seconds: float,
 ) -> WorkloadCount:
     """Round trips per request under the workload's own concurrency. The divisor is the number
     of statements on `task` that crossed the wire (each request of these workloads runs exactly
     one), not wrk's count, which leaves out the requests in flight when it stops."""
     time.sleep(0.3)
     before = proxy.snapshot()
-    result = run_wrk(port, script, workload, connections, seconds)
+    result = run_wrk(service.port, script, workload, connections, seconds, service=service)
     time.sleep(1.0)  # the requests wrk abandoned still finish on the server
     delta = proxy.snapshot() - before
     if result.non2xx or result.socket_errors:
@@ -877,7 +904,7 @@ def main(argv: list[str] | None = None) -> int:
                     report["workload_counts"][workload] = asdict(
                         count_workload(
                             proxy,
-                            counted.port,
+                            counted,
                             scripts[workload],
                             workload,
                             args.connections,
@@ -890,7 +917,13 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"slow link: +{args.slow_delay_ms:g} ms each way, one connection")
                 run_wrk(counted.port, scripts["get"], "warm-up", 1, 2, threads=1)
                 slow = run_wrk(
-                    counted.port, scripts["get"], "get", 1, args.slow_duration, threads=1
+                    counted.port,
+                    scripts["get"],
+                    "get",
+                    1,
+                    args.slow_duration,
+                    threads=1,
+                    service=counted,
                 )
                 report["slow_link"] = asdict(slow) | {
                     "delay_ms_each_way": args.slow_delay_ms,
