@@ -351,18 +351,24 @@ class CpuMeter:
         self.service = service
         self.database = service.database_name
         self.started = time.monotonic()
-        self.busy, self.total = self._machine()
+        self.machine = self._machine()
         self.service_cpu = service.cpu_seconds()
         self.children = self._children()
         self.backends = self._backends()
 
     @staticmethod
-    def _machine() -> tuple[float, float]:
+    def _machine() -> dict[str, float]:
+        """Seconds of CPU since boot from /proc/stat: all of it, idle (of which waiting on the
+        disk: iowait), and stolen (the hypervisor ran something else on our virtual CPUs)."""
         with open("/proc/stat") as stat:
             fields = [int(x) for x in stat.readline().split()[1:]]
-        idle = fields[3] + fields[4]  # idle + iowait
         tick = os.sysconf("SC_CLK_TCK")
-        return (sum(fields[:8]) - idle) / tick, sum(fields[:8]) / tick
+        return {
+            "total": sum(fields[:8]) / tick,
+            "idle": (fields[3] + fields[4]) / tick,
+            "iowait": fields[4] / tick,
+            "steal": fields[7] / tick,
+        }
 
     @staticmethod
     def _children() -> float:
@@ -380,18 +386,17 @@ class CpuMeter:
 
     def stop(self) -> dict[str, float]:
         seconds = time.monotonic() - self.started
-        busy, total = self._machine()
+        machine = {k: v - self.machine[k] for k, v in self._machine().items()}
         backends = self._backends()
-        cpus = (total - self.total) / seconds
         use = {
             "service": self.service.cpu_seconds() - self.service_cpu,
             "wrk": self._children() - self.children,
             "postgres": sum(cpu - self.backends.get(pid, 0.0) for pid, cpu in backends.items()),
         }
-        use["other"] = max(0.0, busy - self.busy - sum(use.values()))
-        use = {k: v / seconds for k, v in use.items()}
-        use["idle"] = max(0.0, cpus - sum(use.values()))
-        return use
+        busy = machine["total"] - machine["idle"] - machine["steal"]
+        use["other"] = max(0.0, busy - sum(use.values()))
+        use |= {k: machine[k] for k in ("steal", "idle", "iowait")}
+        return {k: v / seconds for k, v in use.items()}
 
 
 @dataclass
@@ -1035,7 +1040,8 @@ def print_report(report: dict[str, Any]) -> None:
             add(
                 f"  {name} CPU use, in CPUs: service {use['service']:.2f}, wrk {use['wrk']:.2f},"
                 f" PostgreSQL for this database {use['postgres']:.2f},"
-                f" everything else {use['other']:.2f}, idle {use['idle']:.2f}"
+                f" everything else {use['other']:.2f}, taken by the host {use.get('steal', 0):.2f},"
+                f" idle {use['idle']:.2f} (waiting on the disk {use.get('iowait', 0):.2f})"
             )
         mix = ", ".join(f"{k} {v}" for k, v in r["ops"].items()) or "GET /healthz"
         add(f"  {name} mix sent: {mix}; load average before: {r['load_before']:.2f}")
