@@ -167,32 +167,38 @@ def create_app() -> ASGIApp:
 READ_PATH = re.compile(r"^/api/([^/]+)/tasks(?:/([1-9][0-9]{0,17}))?$")
 
 
+async def _lane_answer(state: Any, scope: Scope) -> tuple[Response, str] | None:
+    """A plain read's response and user, as the service would answer it; None when the
+    request is not one, or anything but a 200 would come of it (the app answers those)."""
+    matched = scope["type"] == "http" and scope["method"] == "GET"
+    matched = matched and READ_PATH.match(scope["path"])
+    if not matched:
+        return None
+    token = Headers(scope=scope).get("authorization", "").removeprefix("Bearer ")
+    try:
+        user = await state.verifier.verify(token)
+    except Problem:
+        return None
+    if user != matched.group(1):
+        return None
+    store = TaskStore(state.transactions, user)
+    if matched.group(2) is None:
+        return Response(await store.list(), media_type="application/json"), user
+    row = await store.get(int(matched.group(2)))
+    return None if row is None else (task_response(row), user)
+
+
 def _read_lane(app: FastAPI) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     """Reads served before any middleware, with the same token check, transaction, response,
     request id, access log and metrics; the rest (and every failure) to the app. An upper
     bound for what the middleware, routing and FastAPI layers cost a read."""
 
     async def lane(scope: Scope, receive: Receive, send: Send) -> None:
-        matched = scope["type"] == "http" and scope["method"] == "GET"
-        matched = matched and READ_PATH.match(scope["path"])
-        if not matched:
-            return await app(scope, receive, send)
         started = time.perf_counter()
-        token = Headers(scope=scope).get("authorization", "").removeprefix("Bearer ")
-        try:
-            user = await app.state.verifier.verify(token)
-        except Problem:
+        answer = await _lane_answer(app.state, scope)
+        if answer is None:
             return await app(scope, receive, send)
-        if user != matched.group(1):
-            return await app(scope, receive, send)
-        store = TaskStore(app.state.transactions, user)
-        if matched.group(2) is None:
-            response = Response(await store.list(), media_type="application/json")
-        else:
-            row = await store.get(int(matched.group(2)))
-            if row is None:
-                return await app(scope, receive, send)
-            response = task_response(row)
+        response, user = answer
         request_id = new_request_id()
         response.headers["X-Request-ID"] = request_id
         scope["app"] = app
@@ -213,26 +219,10 @@ class InnerReadLane:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        matched = scope["type"] == "http" and scope["method"] == "GET"
-        matched = matched and READ_PATH.match(scope["path"])
-        if not matched:
+        answer = await _lane_answer(scope["app"].state, scope)
+        if answer is None:
             return await self.app(scope, receive, send)
-        token = Headers(scope=scope).get("authorization", "").removeprefix("Bearer ")
-        state = scope["app"].state
-        try:
-            user = await state.verifier.verify(token)
-        except Problem:
-            return await self.app(scope, receive, send)
-        if user != matched.group(1):
-            return await self.app(scope, receive, send)
-        store = TaskStore(state.transactions, user)
-        if matched.group(2) is None:
-            response = Response(await store.list(), media_type="application/json")
-        else:
-            row = await store.get(int(matched.group(2)))
-            if row is None:
-                return await self.app(scope, receive, send)
-            response = task_response(row)
+        response, user = answer
         scope.setdefault("state", {})["user_id"] = user
         await response(scope, receive, send)
 
