@@ -7,14 +7,23 @@ transaction's statements with DB_STATEMENT_TIMEOUT_SECONDS). BEGIN, that stateme
 the request's own statements and COMMIT travel together in one libpq pipeline
 (service.pipeline's `Transaction`): one round trip to the database, and nothing of the request
 can run before the identity is in place.
+
+The two reads (`read_as`) run the same identity statement first, in a transaction of their
+own, but reads that wait at the same moment share a connection and a round trip
+(service.pipeline's `Reads`): each is the implicit transaction that PostgreSQL commits at its
+own Sync, so one request's identity ends before the next request's begins.
 """
 
 import asyncio
+import itertools
 import logging
+import math
 import select
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -28,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool, reset_none
 from sqlalchemy.util import await_, greenlet_spawn
 
-from service.pipeline import Statement, Transaction
+from service.pipeline import Reads, Row, Statement, Transaction
 from service.settings import PROJECT_ROOT, Settings
 
 log = logging.getLogger(__name__)
@@ -148,6 +157,22 @@ IDENTITY = Statement(
 )
 
 
+# Reads sent in one round trip at most: enough to share the fixed costs of a round trip
+# (bench/RESULTS.md), few enough that the last of them does not wait long for the first.
+READS_PER_ROUND_TRIP = 8
+
+
+@dataclass(eq=False)
+class _Read:
+    """A read waiting for its turn, and where its answer goes."""
+
+    number: int  # in the order the reads were asked for
+    user_id: str
+    statement: Statement
+    params: Mapping[str, Any]
+    answer: "asyncio.Future[list[Row]]"
+
+
 class IdentityTransactions:
     """Transactions that run as the application role, on behalf of one user."""
 
@@ -171,6 +196,11 @@ class IdentityTransactions:
         self._wait_seconds = wait_seconds
         self._prepare = prepare
         self._return_without_io = returns_without_io(engine)
+        self._reads: deque[_Read] = deque()  # first come, first served
+        self._numbers = itertools.count()
+        self._readers: set[asyncio.Task[None]] = set()  # referenced, so that none is collected
+        self._serving = 0  # reader tasks not yet ended: at most one per connection
+        self._max_serving = connections
 
     @classmethod
     def from_settings(
@@ -200,17 +230,9 @@ class IdentityTransactions:
         """
         async with self._pooled_connection() as pooled:
             connection: psycopg.AsyncConnection[Any] = pooled.driver_connection  # type: ignore[assignment]
-            prepared = pooled.info.setdefault("prepared", {}) if self._prepare else None
-            transaction = Transaction(connection, prepared)
+            transaction = Transaction(connection, self._prepared_statements(pooled))
             try:
-                transaction.begin(
-                    IDENTITY,
-                    {
-                        "role": self.app_role,
-                        "user_id": user_id,
-                        "statement_timeout": self._statement_timeout,
-                    },
-                )
+                transaction.begin(IDENTITY, self._identity(user_id))
                 yield transaction
                 await transaction.commit()
             except BaseException as exc:
@@ -218,6 +240,102 @@ class IdentityTransactions:
                 with anyio.CancelScope(shield=True):
                     await self._recover(pooled, connection, transaction, exc)
                 raise
+
+    async def read_as(
+        self, user_id: str, statement: Statement, params: Mapping[str, Any]
+    ) -> list[Row]:
+        """The rows of one read-only statement, run as the app role and `user_id` in a
+        transaction of its own that begins with the identity, as in `as_user`.
+
+        Reads waiting at the same moment go to the database together: up to
+        READS_PER_ROUND_TRIP of them on one pooled connection, in one round trip, each its own
+        implicit transaction (service.pipeline's `Reads`). A reader task holding a connection
+        sends them, first come first served, until none is left; there are never more reader
+        tasks than the pool has connections, and they take their connections through the same
+        gate as `as_user`. An error fails the read it belongs to; a connection that fails, or
+        that cannot be had, fails the reads it was to carry.
+        """
+        answer: asyncio.Future[list[Row]] = asyncio.get_running_loop().create_future()
+        self._reads.append(_Read(next(self._numbers), user_id, statement, params, answer))
+        if self._serving < self._max_serving:
+            self._serving += 1
+            reader = asyncio.create_task(self._serve_reads())
+            self._readers.add(reader)
+            reader.add_done_callback(self._readers.discard)
+        try:
+            return await answer
+        except asyncio.CancelledError:
+            if answer.done() and not answer.cancelled():
+                answer.exception()  # answered just too late: not "never retrieved"
+            raise
+
+    async def _serve_reads(self) -> None:
+        """A reader task: the waiting reads, batch after batch, until none is left.
+
+        Between its last look at the queue and its count going down there is no await: a read
+        queued after that look starts a reader of its own, so none is left waiting."""
+        try:
+            while self._reads:
+                meant_for = self._reads[-1].number  # the reads waiting when it asks
+                try:
+                    async with self._pooled_connection() as pooled:
+                        while self._reads and await self._send_reads(pooled):
+                            pass
+                except Exception as exc:
+                    # No connection to be had: the reads it was asked for get the error, as
+                    # each would have had it from a request transaction of its own; those
+                    # queued since wait for an attempt of their own.
+                    self._answer_waiting(exc, up_to=meant_for)
+        except BaseException:
+            self._answer_waiting(None)  # cancelled (the loop is ending): so are they
+            raise
+        finally:
+            self._serving -= 1
+
+    async def _send_reads(self, pooled: PoolProxiedConnection) -> bool:
+        """The next batch of waiting reads, on `pooled`. False when the connection failed:
+        it is then dropped, and its reads get the error."""
+        batch: list[_Read] = []
+        while self._reads and len(batch) < READS_PER_ROUND_TRIP:
+            read = self._reads.popleft()
+            if not read.answer.done():  # its request gave up waiting
+                batch.append(read)
+        connection: psycopg.AsyncConnection[Any] = pooled.driver_connection  # type: ignore[assignment]
+        try:
+            reads = Reads(connection, self._prepared_statements(pooled))
+            for read in batch:
+                reads.add(IDENTITY, self._identity(read.user_id), read.statement, read.params)
+            for read in batch:
+                outcome = await reads.outcome()
+                if isinstance(outcome, psycopg.Error) and self._on_error is not None:
+                    self._on_error(outcome)
+                _answer(read, outcome)
+        except BaseException as exc:
+            # Mid-pipeline, the connection's state is unknown: it must not serve anyone again.
+            with anyio.CancelScope(shield=True):
+                await greenlet_spawn(pooled.invalidate)
+            if isinstance(exc, psycopg.Error) and self._on_error is not None:
+                self._on_error(exc)
+            for read in batch:
+                _answer(read, exc if isinstance(exc, Exception) else None)
+            if not isinstance(exc, Exception):
+                raise
+            return False
+        return True
+
+    def _answer_waiting(self, failure: Exception | None, up_to: float = math.inf) -> None:
+        while self._reads and self._reads[0].number <= up_to:
+            _answer(self._reads.popleft(), failure)
+
+    def _identity(self, user_id: str) -> dict[str, str]:
+        return {
+            "role": self.app_role,
+            "user_id": user_id,
+            "statement_timeout": self._statement_timeout,
+        }
+
+    def _prepared_statements(self, pooled: PoolProxiedConnection) -> dict[Any, bytes] | None:
+        return pooled.info.setdefault("prepared", {}) if self._prepare else None
 
     @asynccontextmanager
     async def _pooled_connection(self) -> AsyncIterator[PoolProxiedConnection]:
@@ -292,7 +410,29 @@ class IdentityTransactions:
                 await greenlet_spawn(pooled.invalidate)
 
     async def dispose(self) -> None:
+        """Close the pool, once the reader tasks have sent what they had (a connection they
+        returned after this would stay open until garbage collection)."""
+        if self._readers:
+            await asyncio.wait(self._readers, timeout=READERS_STOP_SECONDS)
+            for reader in self._readers:
+                reader.cancel()
         await self.engine.dispose()
+
+
+READERS_STOP_SECONDS = 5
+
+
+def _answer(read: _Read, outcome: list[Row] | Exception | None) -> None:
+    """Hand a read its rows or its error; None cancels it. A read whose request has stopped
+    waiting (cancelled) is skipped."""
+    if read.answer.done():
+        return
+    if outcome is None:
+        read.answer.cancel()
+    elif isinstance(outcome, Exception):
+        read.answer.set_exception(outcome)
+    else:
+        read.answer.set_result(outcome)
 
 
 class Database:

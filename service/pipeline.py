@@ -7,7 +7,12 @@ trip and one wake-up of the server. psycopg's own pipeline mode writes and polls
 (bench/RESULTS.md). psycopg still does the rest: it binds the values (`Transformer`), loads the
 rows and raises its own error classes.
 
-What runs inside the transaction, and as whom, is service.db's business.
+`Reads` sends the read-only transactions of several requests on one connection in one go:
+each is the transaction PostgreSQL opens by itself for the messages before a Sync (no BEGIN,
+no COMMIT), committed at its own Sync, or rolled back there after an error, which the
+transactions behind it never see.
+
+What runs inside the transactions, and as whom, is service.db's business.
 """
 
 import asyncio
@@ -246,6 +251,61 @@ class Transaction:
                 loop.remove_reader(socket)
             if writer:
                 loop.remove_writer(socket)
+
+
+class Reads:
+    """Read-only transactions of several requests, one after another on one connection, sent
+    together in one pipeline: one write and one wake-up of the server for all of them.
+
+    Each is an implicit transaction: its statements run in the transaction PostgreSQL opens
+    for the messages before a Sync and commits at that Sync. Its first statement is the
+    identity (`add`), so nothing of it runs before the identity is in place, and what the
+    identity set with `set_config(..., true)` ends at its Sync, before the next one begins.
+    An error rolls back that transaction alone: the server skips only the rest of it, up to
+    its Sync. `outcome()` reads the transactions' results in the order they were added.
+    """
+
+    def __init__(self, connection: psycopg.AsyncConnection[Any], prepared: Prepared | None) -> None:
+        self._connection = connection
+        self._prepared = prepared
+        self._sent: deque[tuple[Transaction, Queued, Exception | None]] = deque()
+
+    def add(
+        self,
+        first: Statement,
+        first_params: Mapping[str, Any],
+        statement: Statement,
+        params: Mapping[str, Any],
+    ) -> None:
+        """Queue `first` and `statement` as one transaction, ended by its own Sync."""
+        pgconn = self._connection.pgconn
+        if pgconn.pipeline_status == PipelineStatus.OFF:
+            pgconn.enter_pipeline_mode()
+        transaction = Transaction(self._connection, self._prepared)
+        queued, mistake = Queued(), None
+        try:
+            transaction._send(first, first_params, _Awaited.CHECKED)
+            queued = transaction.queue(statement, params)
+        except Exception as refused:  # refused before any of it was sent (Transaction._send)
+            mistake = refused
+        # Also after a mistake: the Sync ends what was sent, so the next transaction starts
+        # on its own, and this one has nothing but (at most) its identity to commit.
+        pgconn.pipeline_sync()
+        transaction._expected.append(_Awaited.SYNC)
+        self._sent.append((transaction, queued, mistake))
+
+    async def outcome(self) -> list[Row] | Exception:
+        """The next transaction's rows, or what failed it: the error that rolled it back, or
+        the mistake that kept its statement from being sent. Raises when the connection itself
+        fails: the transactions still owed are then lost with it."""
+        transaction, queued, mistake = self._sent.popleft()
+        await transaction._receive(until=_Awaited.SYNC)
+        if not self._sent:
+            self._connection.pgconn.exit_pipeline_mode()
+        return mistake or transaction._error or queued.rows
+
+    def __len__(self) -> int:
+        return len(self._sent)
 
 
 def _answers(expected: Expected, status: ExecStatus) -> bool:

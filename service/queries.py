@@ -3,7 +3,8 @@
 Each statement is a SQLModel query that filters by the owner, as the row-level security policy
 also does underneath. They are compiled once, at import, with numbered parameters: a request
 only binds values. `TaskStore` runs them as the caller (service.db.IdentityTransactions): one
-round trip per request, two when an If-Match header must be checked against the locked row.
+round trip per request (the reads share theirs with other reads waiting at the same moment),
+two when an If-Match header must be checked against the locked row.
 
 PostgreSQL renders each task as the JSON clients get (`row_to_json` over exactly TaskPublic's
 fields, timestamps as RFC 3339 text in UTC), as PostgREST does: the service passes the text
@@ -125,14 +126,11 @@ class TaskStore:
 
     async def list(self) -> str:
         """The caller's tasks as a JSON array, newest first."""
-        async with self._transactions.as_user(self.owner) as tx:
-            listed = tx.queue(LIST, {"p_owner": self.owner})
-        return "[" + ",".join(row["json"] for row in listed.rows) + "]"
+        listed = await self._transactions.read_as(self.owner, LIST, {"p_owner": self.owner})
+        return "[" + ",".join(row["json"] for row in listed) + "]"
 
     async def get(self, task_id: int) -> PublicTask | None:
-        async with self._transactions.as_user(self.owner) as tx:
-            got = tx.queue(GET, self._the_task(task_id))
-        return first(got.rows)
+        return first(await self._transactions.read_as(self.owner, GET, self._the_task(task_id)))
 
     async def create(self, fields: dict[str, Any]) -> PublicTask:
         values = {f"p_{name}": fields[name] for name in EDITABLE}

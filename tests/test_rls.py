@@ -281,9 +281,8 @@ def in_transactions(
     database: TestDatabase, body: Callable[[IdentityTransactions], Awaitable[T]], **overrides: Any
 ) -> T:
     """Run `body` with the service's request pool: one connection that cannot overflow."""
-    settings = database.settings(
-        db_pool_size=1, db_max_overflow=0, db_pool_timeout_seconds=1, **overrides
-    )
+    defaults = {"db_pool_size": 1, "db_max_overflow": 0, "db_pool_timeout_seconds": 1}
+    settings = database.settings(**(defaults | overrides))
     role = overrides.get("app_db_role", database.app_role)
 
     async def run() -> T:
@@ -783,6 +782,144 @@ async def backend_pid(transactions: IdentityTransactions) -> int:
     async with transactions.as_user("nobody") as tx:
         queued = tx.queue("SELECT pg_backend_pid() AS pid")
     return int(queued.rows[0]["pid"])
+
+
+# --- reads that share a round trip (IdentityTransactions.read_as) ------------------------------
+
+WHO_AND_WHAT = Statement(
+    "SELECT current_user AS role, current_setting('app.current_user_id', true) AS user_id,"
+    " (SELECT array_agg(id ORDER BY id) FROM task) AS ids"
+)
+BOOM = Statement("SELECT 1 / 0 AS boom")
+
+
+def read(transactions: IdentityTransactions, user: str, statement: Statement = WHO_AND_WHAT):
+    return asyncio.ensure_future(transactions.read_as(user, statement, {}))
+
+
+@pytest.mark.parametrize("prepared", [False, True], ids=["unprepared", "prepared"])
+def test_reads_waiting_together_share_one_round_trip_each_as_its_own_user(
+    database, seeded, tmp_path, prepared
+):
+    """Four reads for two users, on the pool's one connection: one write carries them all,
+    each is its own transaction (its own Sync) that sees its user's rows and no one else's,
+    and nothing of them is left on the connection afterwards."""
+    trace_path = tmp_path / "libpq.trace"
+
+    async def body(transactions: IdentityTransactions) -> tuple[list[Any], tuple[Any, ...]]:
+        async with transactions.as_user("alice") as tx:
+            tx.queue("SELECT 1")  # opens the pool's only connection
+        async with transactions.engine.connect() as pooled:
+            raw = await pooled.get_raw_connection()
+            driver: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
+        with trace_path.open("w") as trace:
+            driver.pgconn.trace(trace.fileno())
+            driver.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS)
+            rows = await asyncio.gather(*(read(transactions, user) for user in USERS * 2))
+            driver.pgconn.untrace()
+        cursor = await driver.execute(STATE)  # the session itself, after the reads
+        after = await cursor.fetchone()
+        assert after is not None
+        return rows, tuple(after)
+
+    rows, after = in_transactions(database, body, db_prepared_statements=prepared)
+    for user, found in zip(USERS * 2, rows, strict=True):
+        assert found == [{"role": database.app_role, "user_id": user, "ids": seeded[user]}]
+    current, login, identity, _pid, _timeout = after
+    assert (current, identity) == (login, "")
+    messages = [line.split("\t") for line in trace_path.read_text().splitlines()]
+    directions = [fields[0] for fields in messages]
+    kinds = [fields[2] for fields in messages]
+    assert kinds.count("Sync") == 4 and kinds.count("ReadyForQuery") == 4, messages
+    last_sent = len(directions) - directions[::-1].index("F")
+    assert "B" not in directions[:last_sent], "a reply came before everything was sent"
+    assert "BEGIN" not in trace_path.read_text()  # implicit transactions, each ended by a Sync
+
+
+def test_an_error_in_one_read_rolls_back_that_read_alone(database, seeded):
+    async def body(transactions: IdentityTransactions) -> list[Any]:
+        return await asyncio.gather(
+            read(transactions, "alice"),
+            read(transactions, "bob", BOOM),
+            read(transactions, "bob"),
+            return_exceptions=True,
+        )
+
+    before, failed, after = in_transactions(database, body)
+    assert before == [{"role": database.app_role, "user_id": "alice", "ids": seeded["alice"]}]
+    assert isinstance(failed, psycopg.errors.DivisionByZero)
+    assert after == [{"role": database.app_role, "user_id": "bob", "ids": seeded["bob"]}]
+
+
+def test_a_read_whose_request_gave_up_is_not_sent(database, seeded, tmp_path):
+    """A request cancelled while its read waits for a connection: the read is dropped, the
+    reads behind it are served, and the connection goes back to the pool."""
+
+    async def body(transactions: IdentityTransactions) -> tuple[Any, Any, int, int]:
+        async with transactions.as_user("holder") as tx:
+            given_up, served = read(transactions, "alice"), read(transactions, "bob")
+            await asyncio.sleep(0.05)  # both wait behind the holder
+            given_up.cancel()
+            tx.queue("SELECT 1")
+        with pytest.raises(asyncio.CancelledError):
+            await given_up
+        rows = await served
+        await asyncio.gather(*transactions._readers)  # the reader returns its connection
+        return (
+            rows,
+            transactions._reads,
+            transactions.engine.pool.checkedout(),
+            transactions._serving,
+        )
+
+    served, waiting, checked_out, serving = in_transactions(database, body)
+    assert served == [{"role": database.app_role, "user_id": "bob", "ids": seeded["bob"]}]
+    assert (list(waiting), checked_out, serving) == ([], 0, 0)
+
+
+def test_a_connection_lost_under_reads_fails_them_and_is_not_used_again(database, seeded, admin):
+    """The server ends the connection while a batch of reads waits on it: every read of the
+    batch gets an error (none hangs), and the next read gets a new connection."""
+    sleepy = Statement("SELECT pg_sleep(5) AS slept, pg_backend_pid() AS pid")
+
+    async def body(transactions: IdentityTransactions) -> tuple[list[Any], Any]:
+        batch = [read(transactions, "alice", sleepy), read(transactions, "bob")]
+        await asyncio.sleep(0.3)  # sent, and the first is sleeping
+        ended = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = %s AND application_name = 'todo-api' AND state = 'active'",
+            (database.name,),
+        ).fetchone()
+        assert ended == (1,)
+        async with asyncio.timeout(10):
+            outcomes = await asyncio.gather(*batch, return_exceptions=True)
+        return outcomes, await read(transactions, "bob")
+
+    outcomes, after = in_transactions(database, body)
+    assert all(isinstance(outcome, psycopg.OperationalError) for outcome in outcomes), outcomes
+    assert after == [{"role": database.app_role, "user_id": "bob", "ids": seeded["bob"]}]
+
+
+def test_many_reads_on_few_connections_each_see_their_own_users_rows(database, seeded):
+    """Forty reads for alternating users on two connections: batches form, every read gets
+    its own user's rows, and no more connections are taken than the pool has."""
+    most_checked_out = 0
+
+    async def body(transactions: IdentityTransactions) -> list[Any]:
+        nonlocal most_checked_out
+
+        def watch(*_args: Any) -> None:
+            nonlocal most_checked_out
+            most_checked_out = max(most_checked_out, transactions.engine.pool.checkedout())
+
+        event.listen(transactions.engine.sync_engine.pool, "checkout", watch)
+        return await asyncio.gather(*(read(transactions, USERS[n % 2]) for n in range(40)))
+
+    rows = in_transactions(database, body, db_pool_size=2)
+    for n, found in enumerate(rows):
+        user = USERS[n % 2]
+        assert found == [{"role": database.app_role, "user_id": user, "ids": seeded[user]}]
+    assert 1 <= most_checked_out <= 2
 
 
 # --- timestamps --------------------------------------------------------------------------------
