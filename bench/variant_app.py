@@ -6,6 +6,14 @@ BENCH_VARIANTS (comma-separated) picks them:
 - `implicit-transaction`: no BEGIN and no COMMIT in the pipeline. The identity and the
   statement still run in one transaction, the implicit one that PostgreSQL opens for the
   messages before a Sync and commits at the Sync: two statements fewer per request.
+- `unbatched-reads`: the two reads as before `IdentityTransactions.read_as`: each its own
+  request transaction (BEGIN, identity, statement, COMMIT) on a pooled connection of its own,
+  instead of sharing a connection and a round trip with the reads waiting at the same moment.
+- `coalesced-writes`: uvicorn's httptools protocol sends a response's head together with its
+  body, in one write instead of two (a scratch patch of uvicorn's internals, for measuring
+  only: it would hold back the head of a streaming response).
+- `baseline`: no change, but started the way every variant is (uvicorn on this module), so
+  that a pair of variants differs in nothing else.
 - `no-request-middleware`: the request-log/metrics middleware (`RequestObserver`) removed. Not
   shippable (it is the access log, the metrics and the last guard against 500s): an upper bound
   for what it costs.
@@ -65,7 +73,15 @@ PER_APP = {
     "inner-read-lane",
     "no-read-lane",
 }
-KNOWN = {"implicit-transaction", "gc-off", "gc-threshold", *PER_APP}
+KNOWN = {
+    "implicit-transaction",
+    "gc-off",
+    "gc-threshold",
+    "unbatched-reads",
+    "coalesced-writes",
+    "baseline",
+    *PER_APP,
+}
 
 
 @contextmanager
@@ -156,12 +172,83 @@ def create_app() -> ASGIApp:
     if "implicit-transaction" in variants:
         Transaction.begin = _begin_implicitly  # type: ignore[method-assign]
         Transaction.commit = _commit_implicitly  # type: ignore[method-assign]
+    if "unbatched-reads" in variants:
+        _unbatch_reads()
+    if "coalesced-writes" in variants:
+        _coalesce_response_writes()
     if "gc-off" in variants:
         gc.disable()
     if "gc-threshold" in variants:
         gc.set_threshold(20_000, *gc.get_threshold()[1:])
     app = shape(real_create_app(), variants)
     return getattr(app.state, "asgi_entry", app)  # type: ignore[no-any-return]
+
+
+def _unbatch_reads() -> None:
+    """The two reads as they were before IdentityTransactions.read_as: each its own request
+    transaction (BEGIN, identity, statement, COMMIT) on a connection of its own."""
+    from service.queries import GET, LIST, first
+
+    async def list_(self: TaskStore) -> str:
+        async with self._transactions.as_user(self.owner) as tx:
+            listed = tx.queue(LIST, {"p_owner": self.owner})
+        return "[" + ",".join(row["json"] for row in listed.rows) + "]"
+
+    async def get(self: TaskStore, task_id: int) -> Any:
+        async with self._transactions.as_user(self.owner) as tx:
+            got = tx.queue(GET, self._the_task(task_id))
+        return first(got.rows)
+
+    TaskStore.list = list_  # type: ignore[method-assign]
+    TaskStore.get = get  # type: ignore[method-assign]
+
+
+class _HeldTransport:
+    """Holds what is written (the status line and headers) instead of sending it."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.held = b""
+
+    def write(self, data: bytes) -> None:
+        self.held += data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def _coalesce_response_writes() -> None:
+    """uvicorn's httptools protocol writes a response's head and its body in two writes:
+    send them in one."""
+    from uvicorn.protocols.http import httptools_impl
+
+    base = httptools_impl.RequestResponseCycle
+
+    class Cycle(base):  # type: ignore[misc,valid-type]
+        async def send(self, message: Any) -> None:
+            if message["type"] == "http.response.start" and not self.response_started:
+                real, self.transport = self.transport, _HeldTransport(self.transport)
+                try:
+                    await super().send(message)
+                finally:
+                    self._held, self.transport = self.transport.held, real
+                return
+            held = getattr(self, "_held", b"")
+            if held and message["type"] == "http.response.body":
+                self._held = b""
+                real = self.transport
+                holder = _HeldTransport(real)
+                holder.held = held
+                self.transport = holder
+                try:
+                    await super().send(message)
+                finally:
+                    self.transport = real
+                real.write(holder.held)
+                return
+            await super().send(message)
+
+    httptools_impl.RequestResponseCycle = Cycle
 
 
 READ_PATH = re.compile(r"^/api/([^/]+)/tasks(?:/([1-9][0-9]{0,17}))?$")
