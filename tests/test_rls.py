@@ -836,6 +836,23 @@ def test_reads_waiting_together_share_one_round_trip_each_as_its_own_user(
     assert "BEGIN" not in trace_path.read_text()  # implicit transactions, each ended by a Sync
 
 
+def test_the_identity_comes_before_each_read_that_shares_a_round_trip(database, admin):
+    """If the identity cannot be set, the statement behind it in the same implicit
+    transaction does not run: here two writes sent as reads, which would otherwise insert."""
+    sneak = Statement("INSERT INTO task (title, user_id) VALUES ('sneaked', 'alice') RETURNING id")
+
+    async def body(transactions: IdentityTransactions) -> list[Any]:
+        return await asyncio.gather(
+            read(transactions, "alice", sneak),
+            read(transactions, "bob", sneak),
+            return_exceptions=True,
+        )
+
+    outcomes = in_transactions(database, body, app_db_role="no_such_role_anywhere")
+    assert [type(outcome) for outcome in outcomes] == [psycopg.errors.InvalidParameterValue] * 2
+    assert owner_rows(admin) == []
+
+
 def test_an_error_in_one_read_rolls_back_that_read_alone(database, seeded):
     async def body(transactions: IdentityTransactions) -> list[Any]:
         return await asyncio.gather(
