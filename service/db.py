@@ -278,9 +278,10 @@ class IdentityTransactions:
             while self._reads:
                 meant_for = self._reads[-1].number  # the reads waiting when it asks
                 try:
+                    # One batch per checkout: the connection goes back through the gate after
+                    # each, so that writes waiting there are not starved by a stream of reads.
                     async with self._pooled_connection() as pooled:
-                        while self._reads and await self._send_reads(pooled):
-                            pass
+                        await self._send_reads(pooled)
                 except Exception as exc:
                     # No connection to be had: the reads it was asked for get the error, as
                     # each would have had it from a request transaction of its own; those
@@ -292,9 +293,9 @@ class IdentityTransactions:
         finally:
             self._serving -= 1
 
-    async def _send_reads(self, pooled: PoolProxiedConnection) -> bool:
-        """The next batch of waiting reads, on `pooled`. False when the connection failed:
-        it is then dropped, and its reads get the error."""
+    async def _send_reads(self, pooled: PoolProxiedConnection) -> None:
+        """The next batch of waiting reads, on `pooled`. When the connection fails, it is
+        dropped, and its reads get the error."""
         batch: list[_Read] = []
         while self._reads and len(batch) < READS_PER_ROUND_TRIP:
             read = self._reads.popleft()
@@ -320,8 +321,6 @@ class IdentityTransactions:
                 _answer(read, exc if isinstance(exc, Exception) else None)
             if not isinstance(exc, Exception):
                 raise
-            return False
-        return True
 
     def _answer_waiting(self, failure: Exception | None, up_to: float = math.inf) -> None:
         while self._reads and self._reads[0].number <= up_to:

@@ -917,6 +917,33 @@ def test_a_connection_lost_under_reads_fails_them_and_is_not_used_again(database
     assert after == [{"role": database.app_role, "user_id": "bob", "ids": seeded["bob"]}]
 
 
+def test_a_stream_of_reads_does_not_starve_a_write(database, seeded):
+    """Reads that keep coming, some always waiting, must not keep the pool's one connection
+    from a write waiting at the gate: the reader goes back through the gate after every batch."""
+
+    async def body(transactions: IdentityTransactions) -> int:
+        stop, reads = asyncio.Event(), []
+
+        async def keep_asking() -> None:
+            while not stop.is_set():  # more than a batch at a time: some are always waiting
+                reads.extend(read(transactions, USERS[n % 2]) for n in range(12))
+                await asyncio.sleep(0.001)
+
+        asking = asyncio.create_task(keep_asking())
+        await asyncio.sleep(0.1)
+        try:
+            async with transactions.as_user("alice") as tx:  # the gate's wait is 1 s
+                tx.queue("SELECT 1")
+            during = sum(task.done() for task in reads)
+        finally:
+            stop.set()
+            await asking
+            await asyncio.gather(*reads)
+        return during
+
+    assert in_transactions(database, body) > 0
+
+
 def test_many_reads_on_few_connections_each_see_their_own_users_rows(database, seeded):
     """Forty reads for alternating users on two connections: batches form, every read gets
     its own user's rows, and no more connections are taken than the pool has."""
