@@ -1048,7 +1048,8 @@ def print_report(report: dict[str, Any]) -> None:
     for name, c in counts.items():
         add(
             f"  {name}: {c['round_trips']:.2f} round trips per request over {c['requests']}"
-            f" requests; {c['connects_per_1000']:.1f} new database connections per 1000"
+            f" requests (turns {c['turns']:.2f}: reads waiting together share one);"
+            f" {c['connects_per_1000']:.1f} new database connections per 1000"
         )
     if "routes" in report:
         add("")
