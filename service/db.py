@@ -249,11 +249,11 @@ class IdentityTransactions:
 
         Reads waiting at the same moment go to the database together: up to
         READS_PER_ROUND_TRIP of them on one pooled connection, in one round trip, each its own
-        implicit transaction (service.pipeline's `Reads`). A reader task holding a connection
-        sends them, first come first served, until none is left; there are never more reader
-        tasks than the pool has connections, and they take their connections through the same
-        gate as `as_user`. An error fails the read it belongs to; a connection that fails, or
-        that cannot be had, fails the reads it was to carry.
+        implicit transaction (service.pipeline's `Reads`). Reader tasks send them, first come
+        first served, one batch per connection taken, until none is left; there are never more
+        reader tasks than the pool has connections, and they take their connections through
+        the same gate as `as_user`. An error fails the read it belongs to; a connection that
+        fails, or that cannot be had, fails the reads it was to carry.
         """
         answer: asyncio.Future[list[Row]] = asyncio.get_running_loop().create_future()
         self._reads.append(_Read(next(self._numbers), user_id, statement, params, answer))

@@ -304,9 +304,6 @@ class Reads:
             self._connection.pgconn.exit_pipeline_mode()
         return mistake or transaction._error or queued.rows
 
-    def __len__(self) -> int:
-        return len(self._sent)
-
 
 def _answers(expected: Expected, status: ExecStatus) -> bool:
     """Whether a result of this status is one that `expected` waits for."""
