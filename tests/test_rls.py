@@ -476,22 +476,34 @@ def test_a_rollback_cut_short_by_cancellation_drops_the_connection(database, adm
         assert pid != before  # a new connection replaced the one the cancel cut short
 
 
+async def pooled_driver(transactions: IdentityTransactions) -> psycopg.AsyncConnection[Any]:
+    """The psycopg connection of the pool's only connection (opened first if need be)."""
+    async with transactions.engine.connect() as pooled:
+        raw = await pooled.get_raw_connection()
+        return raw.driver_connection  # type: ignore[return-value]
+
+
+@contextmanager
+def traced(driver: psycopg.AsyncConnection[Any], path: Any) -> Iterator[None]:
+    """libpq's trace of what `driver` sends and receives in the block, written to `path`."""
+    with path.open("w") as trace:
+        driver.pgconn.trace(trace.fileno())
+        driver.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS)
+        try:
+            yield
+        finally:
+            driver.pgconn.untrace()
+
+
 def test_a_request_transaction_is_one_round_trip(database, admin, tmp_path):
     """BEGIN, the identity, the statement and COMMIT are sent together, behind one Sync."""
     trace_path = tmp_path / "libpq.trace"
 
     async def body(transactions: IdentityTransactions) -> None:
-        async with transactions.as_user("alice") as tx:
-            tx.queue("SELECT 1")  # opens the pool's only connection first
-        async with transactions.engine.connect() as pooled:
-            raw = await pooled.get_raw_connection()
-            driver: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
-        with trace_path.open("w") as trace:
-            driver.pgconn.trace(trace.fileno())
-            driver.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS)
+        driver = await pooled_driver(transactions)
+        with traced(driver, trace_path):
             async with transactions.as_user("alice") as tx:
                 listed = tx.queue("SELECT id FROM task")
-            driver.pgconn.untrace()
         assert listed.rows == []
 
     in_transactions(database, body)
@@ -515,16 +527,11 @@ def test_prepared_statements_are_parsed_once_per_connection(database, seeded, tm
     async def body(transactions: IdentityTransactions) -> tuple[list[Any], list[Any]]:
         async with transactions.as_user("alice") as tx:
             first = tx.queue(GET, the_task)
-        async with transactions.engine.connect() as pooled:
-            raw = await pooled.get_raw_connection()
-            driver: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
-        with trace_path.open("w") as trace:
-            driver.pgconn.trace(trace.fileno())
-            driver.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS)
+        driver = await pooled_driver(transactions)
+        with traced(driver, trace_path):
             async with transactions.as_user("alice") as tx:
                 again = tx.queue(GET, the_task)
                 names = tx.queue("SELECT name FROM pg_prepared_statements")
-            driver.pgconn.untrace()
         return [first.rows, again.rows], [row["name"] for row in names.rows]
 
     (first, again), names = in_transactions(database, body, db_prepared_statements=True)
@@ -807,16 +814,9 @@ def test_reads_waiting_together_share_one_round_trip_each_as_its_own_user(
     trace_path = tmp_path / "libpq.trace"
 
     async def body(transactions: IdentityTransactions) -> tuple[list[Any], tuple[Any, ...]]:
-        async with transactions.as_user("alice") as tx:
-            tx.queue("SELECT 1")  # opens the pool's only connection
-        async with transactions.engine.connect() as pooled:
-            raw = await pooled.get_raw_connection()
-            driver: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
-        with trace_path.open("w") as trace:
-            driver.pgconn.trace(trace.fileno())
-            driver.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS)
+        driver = await pooled_driver(transactions)
+        with traced(driver, trace_path):
             rows = await asyncio.gather(*(read(transactions, user) for user in USERS * 2))
-            driver.pgconn.untrace()
         cursor = await driver.execute(STATE)  # the session itself, after the reads
         after = await cursor.fetchone()
         assert after is not None
