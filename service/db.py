@@ -155,6 +155,10 @@ IDENTITY = Statement(
     " set_config('statement_timeout', $3, true)",
     ("role", "user_id", "statement_timeout"),
 )
+# A read's: the same, and its transaction read-only, so that nothing sent as a read can write.
+READ_IDENTITY = Statement(
+    IDENTITY.sql + ", set_config('transaction_read_only', 'on', true)", IDENTITY.names
+)
 
 
 # Reads sent in one round trip at most: enough to share the fixed costs of a round trip
@@ -167,6 +171,7 @@ class _Read:
     """A read waiting for its turn, and where its answer goes."""
 
     number: int  # in the order the reads were asked for
+    asked_at: float  # the event loop's clock
     user_id: str
     statement: Statement
     params: Mapping[str, Any]
@@ -252,11 +257,15 @@ class IdentityTransactions:
         implicit transaction (service.pipeline's `Reads`). Reader tasks send them, first come
         first served, one batch per connection taken, until none is left; there are never more
         reader tasks than the pool has connections, and they take their connections through
-        the same gate as `as_user`. An error fails the read it belongs to; a connection that
-        fails, or that cannot be had, fails the reads it was to carry.
+        the same gate as `as_user`. Each read's transaction is read-only (READ_IDENTITY). An
+        error fails the read it belongs to; a connection that fails, or that cannot be had,
+        fails the reads it was to carry; a read still waiting for its turn after
+        DB_POOL_TIMEOUT_SECONDS gets the pool's timeout, as a request at the gate would.
         """
-        answer: asyncio.Future[list[Row]] = asyncio.get_running_loop().create_future()
-        self._reads.append(_Read(next(self._numbers), user_id, statement, params, answer))
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[list[Row]] = loop.create_future()
+        read = _Read(next(self._numbers), loop.time(), user_id, statement, params, answer)
+        self._reads.append(read)
         if self._serving < self._max_serving:
             self._serving += 1
             reader = asyncio.create_task(self._serve_reads())
@@ -288,7 +297,7 @@ class IdentityTransactions:
                     # queued since wait for an attempt of their own.
                     self._answer_waiting(exc, up_to=meant_for)
         except BaseException:
-            self._answer_waiting(None)  # cancelled (the loop is ending): so are they
+            self._answer_waiting(stopped())  # cancelled: the service is stopping
             raise
         finally:
             self._serving -= 1
@@ -297,20 +306,29 @@ class IdentityTransactions:
         """The next batch of waiting reads, on `pooled`. When the connection fails, it is
         dropped, and its reads get the error."""
         batch: list[_Read] = []
+        too_late = asyncio.get_running_loop().time() - self._wait_seconds
         while self._reads and len(batch) < READS_PER_ROUND_TRIP:
             read = self._reads.popleft()
-            if not read.answer.done():  # its request gave up waiting
-                batch.append(read)
+            if read.answer.done():  # its request gave up waiting
+                continue
+            if read.asked_at < too_late:  # as a request waiting at the gate would have
+                _answer(read, self._no_connection_in_time())
+                continue
+            batch.append(read)
         connection: psycopg.AsyncConnection[Any] = pooled.driver_connection  # type: ignore[assignment]
         try:
             reads = Reads(connection, self._prepared_statements(pooled))
             for read in batch:
-                reads.add(IDENTITY, self._identity(read.user_id), read.statement, read.params)
+                reads.add(READ_IDENTITY, self._identity(read.user_id), read.statement, read.params)
             for read in batch:
                 outcome = await reads.outcome()
                 if isinstance(outcome, psycopg.Error) and self._on_error is not None:
                     self._on_error(outcome)
                 _answer(read, outcome)
+            if connection.pgconn.transaction_status != TransactionStatus.IDLE:
+                # Each Sync must have ended its transaction; a connection that is not idle
+                # now (or that the server closed) must not serve another batch.
+                raise psycopg.OperationalError("the connection is not idle after its reads")
         except BaseException as exc:
             # Mid-pipeline, the connection's state is unknown: it must not serve anyone again.
             with anyio.CancelScope(shield=True):
@@ -318,11 +336,14 @@ class IdentityTransactions:
             if isinstance(exc, psycopg.Error) and self._on_error is not None:
                 self._on_error(exc)
             for read in batch:
-                _answer(read, exc if isinstance(exc, Exception) else None)
+                _answer(read, exc if isinstance(exc, Exception) else stopped())
             if not isinstance(exc, Exception):
                 raise
 
-    def _answer_waiting(self, failure: Exception | None, up_to: float = math.inf) -> None:
+    def _no_connection_in_time(self) -> PoolTimeoutError:
+        return PoolTimeoutError(f"no database connection was free within {self._wait_seconds:g} s")
+
+    def _answer_waiting(self, failure: Exception, up_to: float = math.inf) -> None:
         while self._reads and self._reads[0].number <= up_to:
             _answer(self._reads.popleft(), failure)
 
@@ -378,9 +399,7 @@ class IdentityTransactions:
             async with asyncio.timeout(self._wait_seconds):
                 await self._gate.acquire()
         except TimeoutError:
-            raise PoolTimeoutError(
-                f"no database connection was free within {self._wait_seconds:g} s"
-            ) from None
+            raise self._no_connection_in_time() from None
 
     async def _recover(
         self,
@@ -413,22 +432,27 @@ class IdentityTransactions:
         returned after this would stay open until garbage collection)."""
         if self._readers:
             await asyncio.wait(self._readers, timeout=READERS_STOP_SECONDS)
+        if self._readers:  # stuck past the statement timeout: their reads get stopped()
             for reader in self._readers:
                 reader.cancel()
+            await asyncio.wait(self._readers)
         await self.engine.dispose()
 
 
 READERS_STOP_SECONDS = 5
 
 
-def _answer(read: _Read, outcome: list[Row] | Exception | None) -> None:
-    """Hand a read its rows or its error; None cancels it. A read whose request has stopped
-    waiting (cancelled) is skipped."""
+def stopped() -> psycopg.OperationalError:
+    """What the reads of a reader task cancelled at shutdown get: a 503, as when the database
+    is unavailable, rather than a cancellation their own requests never asked for."""
+    return psycopg.OperationalError("the service stopped before this read was answered")
+
+
+def _answer(read: _Read, outcome: list[Row] | Exception) -> None:
+    """Hand a read its rows or its error, unless its request has stopped waiting."""
     if read.answer.done():
         return
-    if outcome is None:
-        read.answer.cancel()
-    elif isinstance(outcome, Exception):
+    if isinstance(outcome, Exception):
         read.answer.set_exception(outcome)
     else:
         read.answer.set_result(outcome)

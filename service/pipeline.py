@@ -82,12 +82,18 @@ class Transaction:
     error, `discard()` ends the pipeline and the caller rolls back what is left.
     """
 
-    def __init__(self, connection: psycopg.AsyncConnection[Any], prepared: Prepared | None) -> None:
+    def __init__(
+        self,
+        connection: psycopg.AsyncConnection[Any],
+        prepared: Prepared | None,
+        parsing: Prepared | None = None,
+    ) -> None:
         self._pgconn = connection.pgconn
         self._encoding = connection.info.encoding
         self._adapt = Transformer(connection)
         self._prepared = prepared  # None: never prepare (a transaction pooler may be in between)
-        self._parsing: Prepared = {}  # prepared in this pipeline, not yet accepted
+        # Prepared in this pipeline, not yet accepted (shared by the transactions of a `Reads`).
+        self._parsing: Prepared = {} if parsing is None else parsing
         self._expected: deque[Expected] = deque()
         self._error: psycopg.Error | None = None
 
@@ -268,6 +274,10 @@ class Reads:
     def __init__(self, connection: psycopg.AsyncConnection[Any], prepared: Prepared | None) -> None:
         self._connection = connection
         self._prepared = prepared
+        # A statement new to the connection is parsed once for the batch: only the identity,
+        # which fails alike for every transaction, can come before its Parse and make the
+        # server skip it.
+        self._parsing: Prepared = {}
         self._sent: deque[tuple[Transaction, Queued, Exception | None]] = deque()
 
     def add(
@@ -281,7 +291,7 @@ class Reads:
         pgconn = self._connection.pgconn
         if pgconn.pipeline_status == PipelineStatus.OFF:
             pgconn.enter_pipeline_mode()
-        transaction = Transaction(self._connection, self._prepared)
+        transaction = Transaction(self._connection, self._prepared, self._parsing)
         queued, mistake = Queued(), None
         try:
             transaction._send(first, first_params, _Awaited.CHECKED)

@@ -8,6 +8,7 @@ on the owner: only the policies stand between one user and another's rows.
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any, TypeVar
@@ -18,6 +19,7 @@ from psycopg import sql
 from psycopg.pq import Trace
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from service.db import IdentityTransactions, returns_without_io
@@ -851,6 +853,60 @@ def test_the_identity_comes_before_each_read_that_shares_a_round_trip(database, 
     outcomes = in_transactions(database, body, app_db_role="no_such_role_anywhere")
     assert [type(outcome) for outcome in outcomes] == [psycopg.errors.InvalidParameterValue] * 2
     assert owner_rows(admin) == []
+
+
+def test_a_read_cannot_write(database, admin):
+    """Each read's transaction is read-only: a write sent as a read, with a valid identity, is
+    refused and leaves nothing behind."""
+    sneak = Statement("INSERT INTO task (title, user_id) VALUES ('sneaked', 'alice') RETURNING id")
+
+    async def body(transactions: IdentityTransactions) -> list[Any]:
+        return await asyncio.gather(
+            read(transactions, "alice", sneak), read(transactions, "alice"), return_exceptions=True
+        )
+
+    refused, after = in_transactions(database, body)
+    assert isinstance(refused, psycopg.errors.ReadOnlySqlTransaction)
+    assert after == [{"role": database.app_role, "user_id": "alice", "ids": None}]
+    assert owner_rows(admin) == []
+
+
+def test_reads_that_wait_past_the_pool_timeout_get_a_timeout(database, seeded):
+    """As a request waiting at the gate would: a read still waiting for its turn after
+    DB_POOL_TIMEOUT_SECONDS is answered with the pool's timeout, not served late."""
+    sleepy = Statement("SELECT pg_sleep(0.05) AS slept")
+
+    async def body(transactions: IdentityTransactions) -> tuple[list[Any], float]:
+        started = time.monotonic()
+        outcomes = await asyncio.gather(
+            *(read(transactions, "alice", sleepy) for _ in range(60)), return_exceptions=True
+        )
+        return outcomes, time.monotonic() - started
+
+    outcomes, seconds = in_transactions(database, body, db_pool_timeout_seconds=0.5)
+    served = [outcome for outcome in outcomes if isinstance(outcome, list)]
+    late = [outcome for outcome in outcomes if isinstance(outcome, PoolTimeoutError)]
+    assert len(served) + len(late) == 60, outcomes
+    assert 8 <= len(served) <= 24 and late, (len(served), len(late))
+    assert seconds < 2.5  # 60 reads one after another would take 3 s
+
+
+def test_reads_sharing_a_round_trip_prepare_each_statement_once(database, seeded):
+    """With DB_PREPARED_STATEMENTS, a batch of reads new to a connection parses the identity
+    and each statement once, not once per read."""
+    the_task = {"p_task_id": seeded["alice"][0], "p_owner": "alice"}
+
+    async def body(transactions: IdentityTransactions) -> tuple[list[Any], list[Any]]:
+        driver = await pooled_driver(transactions)
+        found = await asyncio.gather(
+            *(asyncio.ensure_future(transactions.read_as("alice", GET, the_task)) for _ in range(8))
+        )
+        cursor = await driver.execute("SELECT statement FROM pg_prepared_statements")
+        return found, [row[0] for row in await cursor.fetchall()]
+
+    found, statements = in_transactions(database, body, db_prepared_statements=True)
+    assert [[row["id"] for row in rows] for rows in found] == [[seeded["alice"][0]]] * 8
+    assert len(statements) == 2, statements  # the identity and GET
 
 
 def test_an_error_in_one_read_rolls_back_that_read_alone(database, seeded):
