@@ -22,6 +22,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import create_async_engine
 
+import service.db as service_db
 from service.db import IdentityTransactions, returns_without_io
 from service.pipeline import Statement
 from service.queries import CREATE, DELETE, GET, LIST, LOCK, update_sql
@@ -998,6 +999,47 @@ def test_a_stream_of_reads_does_not_starve_a_write(database, seeded):
         return during
 
     assert in_transactions(database, body) > 0
+
+
+def test_a_connection_left_inside_a_transaction_by_a_read_is_dropped(database):
+    """Each Sync must end its read's transaction. A statement that opens a transaction block
+    (here a BEGIN sent as a read) would keep the next reads inside it: the next read in the
+    batch still runs as its own user, and the connection is not used again."""
+    who = Statement(
+        "SELECT pg_backend_pid() AS pid, current_setting('app.current_user_id', true) AS user_id"
+    )
+
+    async def body(transactions: IdentityTransactions) -> tuple[Any, Any]:
+        batch = await asyncio.gather(
+            read(transactions, "alice", Statement("BEGIN")), read(transactions, "bob", who)
+        )
+        return batch[1][0], (await read(transactions, "carol", who))[0]
+
+    during, after = in_transactions(database, body)
+    assert (during["user_id"], after["user_id"]) == ("bob", "carol")
+    assert during["pid"] != after["pid"]
+
+
+def test_reads_of_a_reader_stopped_at_shutdown_get_an_error(database, monkeypatch):
+    """A reader still busy when the pool closes is cancelled: its reads, and those waiting,
+    are answered with an error that becomes a 503, not with a cancellation their requests
+    never asked for."""
+    monkeypatch.setattr(service_db, "READERS_STOP_SECONDS", 0.2)
+    stuck = Statement("SELECT pg_sleep(5) AS slept")
+
+    async def body(transactions: IdentityTransactions) -> tuple[list[Any], float]:
+        reads = [read(transactions, "alice", stuck), read(transactions, "bob")]
+        await asyncio.sleep(0.1)  # sent, and the first is sleeping
+        started = time.monotonic()
+        await transactions.dispose()
+        outcomes = await asyncio.gather(*reads, return_exceptions=True)
+        return outcomes, time.monotonic() - started
+
+    outcomes, seconds = in_transactions(database, body)
+    for outcome in outcomes:
+        assert isinstance(outcome, psycopg.OperationalError), outcomes
+        assert "stopped before this read was answered" in str(outcome)
+    assert seconds < 2
 
 
 def test_many_reads_on_few_connections_each_see_their_own_users_rows(database, seeded):
