@@ -322,8 +322,7 @@ class IdentityTransactions:
                 reads.add(READ_IDENTITY, self._identity(read.user_id), read.statement, read.params)
             for read in batch:
                 outcome = await reads.outcome()
-                if isinstance(outcome, psycopg.Error) and self._on_error is not None:
-                    self._on_error(outcome)
+                self._count_error(outcome)
                 _answer(read, outcome)
             if connection.pgconn.transaction_status != TransactionStatus.IDLE:
                 # Each Sync must have ended its transaction; a connection that is not idle
@@ -333,12 +332,16 @@ class IdentityTransactions:
             # Mid-pipeline, the connection's state is unknown: it must not serve anyone again.
             with anyio.CancelScope(shield=True):
                 await greenlet_spawn(pooled.invalidate)
-            if isinstance(exc, psycopg.Error) and self._on_error is not None:
-                self._on_error(exc)
+            self._count_error(exc)
             for read in batch:
                 _answer(read, exc if isinstance(exc, Exception) else stopped())
             if not isinstance(exc, Exception):
                 raise
+
+    def _count_error(self, outcome: object) -> None:
+        """A database error, for the metrics (`on_error`); anything else is not one."""
+        if isinstance(outcome, psycopg.Error) and self._on_error is not None:
+            self._on_error(outcome)
 
     def _no_connection_in_time(self) -> PoolTimeoutError:
         return PoolTimeoutError(f"no database connection was free within {self._wait_seconds:g} s")
@@ -410,8 +413,7 @@ class IdentityTransactions:
     ) -> None:
         """Roll back, or drop the connection: nothing of this transaction may reach the next
         request that takes it from the pool."""
-        if isinstance(exc, psycopg.Error) and self._on_error is not None:
-            self._on_error(exc)
+        self._count_error(exc)
         idle = False
         try:
             # Cancelled mid-pipeline (a client gone, shutdown), the protocol state is unknown.

@@ -133,10 +133,19 @@ class Transaction:
 
     async def _end_pipeline(self) -> None:
         if _Awaited.SYNC not in self._expected:
-            self._pgconn.pipeline_sync()
-            self._expected.append(_Awaited.SYNC)
-        await self._receive(until=_Awaited.SYNC)
+            self._sync()
+        await self._settle_to_sync()
         self._pgconn.exit_pipeline_mode()
+
+    def _sync(self) -> None:
+        """The Sync that ends what was sent: the transaction, if it is an implicit one."""
+        self._pgconn.pipeline_sync()
+        self._expected.append(_Awaited.SYNC)
+
+    async def _settle_to_sync(self) -> psycopg.Error | None:
+        """Read the results up to the Sync; the first error among them, if any."""
+        await self._receive(until=_Awaited.SYNC)
+        return self._error
 
     def _send(
         self, statement: Statement, params: Mapping[str, Any] | None, expected: Expected
@@ -300,8 +309,7 @@ class Reads:
             mistake = refused
         # Also after a mistake: the Sync ends what was sent, so the next transaction starts
         # on its own, and this one has nothing but (at most) its identity to commit.
-        pgconn.pipeline_sync()
-        transaction._expected.append(_Awaited.SYNC)
+        transaction._sync()
         self._sent.append((transaction, queued, mistake))
 
     async def outcome(self) -> list[Row] | Exception:
@@ -309,10 +317,10 @@ class Reads:
         the mistake that kept its statement from being sent. Raises when the connection itself
         fails: the transactions still owed are then lost with it."""
         transaction, queued, mistake = self._sent.popleft()
-        await transaction._receive(until=_Awaited.SYNC)
+        error = await transaction._settle_to_sync()
         if not self._sent:
             self._connection.pgconn.exit_pipeline_mode()
-        return mistake or transaction._error or queued.rows
+        return mistake or error or queued.rows
 
 
 def _answers(expected: Expected, status: ExecStatus) -> bool:
