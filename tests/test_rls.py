@@ -7,6 +7,7 @@ on the owner: only the policies stand between one user and another's rows.
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -24,7 +25,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 import service.db as service_db
 from service.db import IdentityTransactions, returns_without_io
-from service.pipeline import Statement
+from service.pipeline import Statement, statement_names
 from service.queries import CREATE, DELETE, GET, LIST, LOCK, update_sql
 from service.settings import sqlalchemy_url
 from service.testing import TestDatabase, app_client
@@ -545,6 +546,29 @@ def test_prepared_statements_are_parsed_once_per_connection(database, seeded, tm
     assert sent.count("Parse") == 1 and sent.count("Sync") == 1, messages
     assert sent.count("Bind") == 5, messages  # BEGIN, identity, GET, the catalogue, COMMIT
     assert len(names) == 5 and all(name.startswith("todo_api_") for name in names)
+
+
+def test_a_forked_worker_names_its_prepared_statements_afresh():
+    """`serve --workers N` forks its workers from one process. A worker going on with its
+    parent's names would share them with its siblings: behind a pooler that cannot keep
+    prepared statements apart, it could run a sibling's statement under the same name."""
+    before = statement_names.next()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: nothing that could wait on a lock another thread held
+        os.write(write, statement_names.next())
+        os._exit(0)
+    os.close(write)
+    in_child = os.read(read, 200)
+    os.close(read)
+    os.waitpid(pid, 0)
+    after = statement_names.next()
+
+    def prefix(name: bytes) -> bytes:
+        return name.rsplit(b"_", 1)[0]
+
+    assert in_child.startswith(b"todo_api_") and in_child.endswith(b"_1"), in_child
+    assert prefix(in_child) != prefix(before) == prefix(after)
 
 
 def test_a_statement_whose_prepare_was_skipped_is_prepared_again(database, seeded):

@@ -46,12 +46,13 @@ def data_dir() -> Iterator[Path]:
 class Service:
     """`python -m service.cli serve` on the embedded database in `data_dir`."""
 
-    def __init__(self, data_dir: Path, **env: str) -> None:
+    def __init__(self, data_dir: Path, workers: int = 1, **env: str) -> None:
         self.env = todo_api_env(DATA_DIR=str(data_dir), PGOPTIONS=LOG_SESSIONS, **env)
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
+        command = ["serve", "--port", str(self.port), "--workers", str(workers)]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port)],
+            [sys.executable, "-m", "service.cli", *command],
             env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -167,6 +168,13 @@ def sessions_closed_before_the_database_stopped(log: str) -> None:
     assert "database system is shut down" in after
 
 
+def signals_handled_by(pid: int) -> set[int]:
+    """The signals the process has a handler for (`SigCgt` in /proc: a bit per signal)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, re.MULTILINE)[1], 16)
+    return {number for number in range(1, 65) if mask >> (number - 1) & 1}
+
+
 def tasks_in(data_dir: Path) -> list[str]:
     """The titles stored in the embedded database (started for the look, then stopped)."""
     server, url = embedded.start(data_dir)
@@ -247,3 +255,46 @@ def test_a_client_that_never_finishes_cannot_keep_the_process_alive(data_dir):
     assert "Traceback" not in service.stderr
     assert postgres_processes(data_dir) == []
     assert tasks_in(data_dir) == []
+
+
+def test_two_workers_forked_from_the_cli_share_the_database_and_stop_together(data_dir):
+    """`serve --workers 2` forks its workers from the CLI process, which imported the app
+    first (a spawned worker's command line would be multiprocessing's `spawn_main`); both
+    start on the one embedded database, and SIGTERM stops both, then the database."""
+    service = Service(data_dir, workers=2)
+    try:
+        service.wait_ready()
+        cli = psutil.Process(service.process.pid)
+        workers = cli.children()
+        command_lines = [cli.cmdline()] + [worker.cmdline() for worker in workers]
+        handled = [signals_handled_by(worker.pid) for worker in workers]
+        token = {"Authorization": f"Bearer {service.token('alice')}"}
+        for n in range(10):  # a new connection each: the workers accept from one socket
+            created = httpx.post(
+                f"{service.base}/api/alice/tasks", json={"title": f"t{n}"}, headers=token
+            )
+            assert created.status_code == 201, created.text
+        service.process.send_signal(signal.SIGTERM)
+        returncode = service.wait_exit(seconds=30)
+    finally:
+        service.kill()
+
+    assert command_lines == [command_lines[0]] * 3, command_lines
+    # Not the supervisor's handlers, which would only queue a SIGHUP or SIGQUIT for its loop.
+    supervisor_only = {
+        signal.SIGHUP,
+        signal.SIGQUIT,
+        signal.SIGUSR1,
+        signal.SIGTTIN,
+        signal.SIGWINCH,
+    }
+    assert [(signal.SIGINT in h, signal.SIGTERM in h, h & supervisor_only) for h in handled] == [
+        (True, True, set())
+    ] * 2
+    assert returncode == 0, service.stderr
+    assert service.stderr.count("Application startup complete.") == 2, service.stderr
+    assert service.stderr.count("Application shutdown complete.") == 2, service.stderr
+    assert "Traceback" not in service.stderr
+    assert not [worker for worker in workers if worker.is_running()]
+    assert postgres_processes(data_dir) == []
+    assert tasks_in(data_dir) == [f"t{n}" for n in range(10)]
