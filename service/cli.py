@@ -135,6 +135,8 @@ def fork_workers_from_this_process() -> None:
     from uvicorn import _subprocess
     from uvicorn.supervisors.multiprocess import SIGNALS
 
+    from service.app import freeze_what_start_up_made
+
     def forget_the_supervisors_signal_handlers() -> None:
         # A spawned worker starts with the default handlers; a forked one would inherit the
         # supervisor's, which only queue signals for its loop (SIGHUP would be ignored).
@@ -144,6 +146,9 @@ def fork_workers_from_this_process() -> None:
 
     os.register_at_fork(after_in_child=forget_the_supervisors_signal_handlers)
     _subprocess.spawn = multiprocessing.get_context("fork")  # type: ignore[assignment]
+    # As Python's gc documentation advises before forking without exec: the workers'
+    # collections then never walk (or copy-on-write) the objects they share with this process.
+    freeze_what_start_up_made()
 
 
 def migrate_command(settings: Settings, wait_seconds: float) -> int:
