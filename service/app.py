@@ -44,7 +44,7 @@ class UnsafePosture(RuntimeError):
 def prepare_embedded(settings: Settings, stack: ExitStack) -> Settings:
     """Start the embedded PostgreSQL, migrate it, and fill in what the settings lack."""
     server, url = embedded.start(settings.data_dir)
-    stack.callback(server.cleanup)
+    stack.callback(embedded.release, server)
     run_migrations(url, settings.app_db_role)
     update: dict[str, object] = {"database_url": SecretStr(url)}
     if settings.jwt_secret is None and not settings.jwt_jwks_url:

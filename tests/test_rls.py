@@ -556,8 +556,10 @@ def test_a_forked_worker_names_its_prepared_statements_afresh():
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: nothing that could wait on a lock another thread held
-        os.write(write, statement_names.next())
-        os._exit(0)
+        try:
+            os.write(write, statement_names.next())
+        finally:
+            os._exit(0)  # never back into pytest
     os.close(write)
     in_child = os.read(read, 200)
     os.close(read)

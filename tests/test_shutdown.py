@@ -46,13 +46,16 @@ def data_dir() -> Iterator[Path]:
 class Service:
     """`python -m service.cli serve` on the embedded database in `data_dir`."""
 
-    def __init__(self, data_dir: Path, workers: int = 1, **env: str) -> None:
+    def __init__(
+        self, data_dir: Path, workers: int = 1, cwd: Path | None = None, **env: str
+    ) -> None:
         self.env = todo_api_env(DATA_DIR=str(data_dir), PGOPTIONS=LOG_SESSIONS, **env)
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         command = ["serve", "--port", str(self.port), "--workers", str(workers)]
         self.process = subprocess.Popen(
             [sys.executable, "-m", "service.cli", *command],
+            cwd=cwd,
             env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -175,6 +178,11 @@ def signals_handled_by(pid: int) -> set[int]:
     return {number for number in range(1, 65) if mask >> (number - 1) & 1}
 
 
+def server_users(data_dir: Path) -> list[int]:
+    """The pids on the embedded server's list of processes using it."""
+    return json.loads((data_dir / ".handle_pids.json").read_text() or "[]")
+
+
 def tasks_in(data_dir: Path) -> list[str]:
     """The titles stored in the embedded database (started for the look, then stopped)."""
     server, url = embedded.start(data_dir)
@@ -268,6 +276,13 @@ def test_two_workers_forked_from_the_cli_share_the_database_and_stop_together(da
         workers = cli.children()
         command_lines = [cli.cmdline()] + [worker.cmdline() for worker in workers]
         handled = [signals_handled_by(worker.pid) for worker in workers]
+        # Each worker is on the server's list of users, not only the CLI: were the CLI killed,
+        # nothing attaching later could stop the server under them.
+        users = {cli.pid, *(worker.pid for worker in workers)}
+        deadline = time.monotonic() + 30  # the second worker may still be starting
+        while set(server_users(data_dir)) != users and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(server_users(data_dir)) == sorted(users)
         token = {"Authorization": f"Bearer {service.token('alice')}"}
         for n in range(10):  # a new connection each: the workers accept from one socket
             created = httpx.post(
@@ -297,4 +312,58 @@ def test_two_workers_forked_from_the_cli_share_the_database_and_stop_together(da
     assert "Traceback" not in service.stderr
     assert not [worker for worker in workers if worker.is_running()]
     assert postgres_processes(data_dir) == []
+    sessions_closed_before_the_database_stopped((data_dir / "log").read_text())
     assert tasks_in(data_dir) == [f"t{n}" for n in range(10)]
+
+
+def test_sigterm_while_starting_still_stops_the_database(data_dir):
+    """`serve` starts the embedded PostgreSQL while it imports the app, before uvicorn handles
+    any signal: a SIGTERM then must still end with the database stopped."""
+    embedded.start(data_dir)[0].cleanup()  # an existing folder: no initdb, a quick start
+    service = Service(data_dir)
+    try:
+        while not (data_dir / "postmaster.pid").exists():
+            assert service.process.poll() is None, service.process.communicate()[1]
+            time.sleep(0.002)
+        service.process.send_signal(signal.SIGTERM)
+        returncode = service.wait_exit(seconds=30)
+    finally:
+        service.kill()
+
+    assert "todo-api listening" not in service.stderr, "the signal came after start-up"
+    assert returncode == 0, service.stderr
+    assert postgres_processes(data_dir) == []
+    assert server_users(data_dir) == []
+
+
+def test_workers_brought_up_by_sighup_read_their_settings_afresh(data_dir, tmp_path):
+    """SIGHUP makes uvicorn replace the workers one by one. Forked from the CLI, which read the
+    settings long before, the new ones still read them as spawned ones would: a changed
+    `.env` takes effect (the code they run is the one the CLI imported)."""
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("MAX_BODY_BYTES=65536\n")
+    service = Service(data_dir, workers=2, cwd=tmp_path)
+    body = {"title": "t" * 200, "description": "x" * 1000}  # over 1,024 bytes as JSON
+    try:
+        service.wait_ready()
+        token = {"Authorization": f"Bearer {service.token('alice')}"}
+        tasks = f"{service.base}/api/alice/tasks"
+        assert httpx.post(tasks, json=body, headers=token).status_code == 201
+        cli = psutil.Process(service.process.pid)
+        before = {worker.pid for worker in cli.children()}
+        dotenv.write_text("MAX_BODY_BYTES=1024\n")
+        service.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while {worker.pid for worker in cli.children()} & before:
+            assert time.monotonic() < deadline, "the workers were not replaced"
+            time.sleep(0.1)
+        service.wait_ready()
+        refused = [httpx.post(tasks, json=body, headers=token).status_code for _ in range(4)]
+        service.process.send_signal(signal.SIGTERM)
+        returncode = service.wait_exit(seconds=30)
+    finally:
+        service.kill()
+
+    assert refused == [413] * 4
+    assert returncode == 0, service.stderr
+    assert postgres_processes(data_dir) == []
