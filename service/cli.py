@@ -86,7 +86,6 @@ def serve_command(settings: Settings, host: str, port: int, workers: int) -> int
             settings.check_auth_config()
             assert settings.database_url is not None
             where = masked(sqlalchemy_url(settings.database_url))
-            import service.app  # noqa: F401 (here, so that forked workers have it)
         if workers > 1:
             fork_workers_from_this_process()
         log.info("todo-api listening on http://%s:%d (database: %s)", host, port, where)
@@ -125,7 +124,7 @@ def start_embedded_while_importing_the_app(settings: Settings) -> "PostgresServe
 
 
 def fork_workers_from_this_process() -> None:
-    """Have uvicorn fork its workers from this process, which has imported the app.
+    """Import the app in this process and have uvicorn fork its workers from it.
 
     uvicorn starts workers with multiprocessing's "spawn": each is a new interpreter that
     imports FastAPI, SQLAlchemy and psycopg on its own (about 0.7 s of CPU), all of them at
@@ -144,7 +143,7 @@ def fork_workers_from_this_process() -> None:
     from uvicorn import _subprocess
     from uvicorn.supervisors.multiprocess import SIGNALS
 
-    from service.app import freeze_what_start_up_made
+    from service.app import freeze_what_start_up_made  # and with it, the whole app
 
     def start_the_worker_afresh() -> None:
         # A spawned worker starts with the default signal handlers; a forked one would inherit
